@@ -1,0 +1,59 @@
+"""The errors peft-cvae raises for user mistakes and bad files.
+
+Every error says what was found, what was expected and what to do about it. Each class also subclasses the built-in
+exception that fits (`ValueError` for bad values, `OSError` for files), so callers that already catch those keep
+working.
+"""
+
+__all__ = [
+    "ConditionError",
+    "CorruptFileError",
+    "EmptyBankError",
+    "InvalidConfigError",
+    "LayoutMismatchError",
+    "MissingFileError",
+    "NonFiniteError",
+    "PeftCVAEError",
+    "UnknownTaskError",
+    "UnsupportedAdapterError",
+]
+
+
+class PeftCVAEError(Exception):
+    """Base class of every error peft-cvae raises on purpose."""
+
+
+class LayoutMismatchError(PeftCVAEError, ValueError):
+    """An adapter's keys or shapes differ from the layout (another base model, rank or set of target modules)."""
+
+
+class UnsupportedAdapterError(PeftCVAEError, ValueError):
+    """The adapter is a PEFT type or LoRA variant that peft-cvae cannot flatten (e.g. DoRA, IA3)."""
+
+
+class ConditionError(PeftCVAEError, ValueError):
+    """A task condition has the wrong size, dtype or values."""
+
+
+class UnknownTaskError(PeftCVAEError, ValueError):
+    """A task was named that the generator or bank does not know."""
+
+
+class EmptyBankError(PeftCVAEError, ValueError):
+    """A bank has too few checkpoints or tasks for what was asked of it."""
+
+
+class InvalidConfigError(PeftCVAEError, ValueError):
+    """A generator config has a missing, out-of-range or wrongly typed field."""
+
+
+class NonFiniteError(PeftCVAEError, ValueError):
+    """A tensor holds NaN or Inf where only finite values make sense."""
+
+
+class CorruptFileError(PeftCVAEError, OSError):
+    """A file exists but cannot be parsed: truncated or corrupted safetensors, invalid JSON, wrong fields."""
+
+
+class MissingFileError(PeftCVAEError, FileNotFoundError):
+    """A file that a folder needs is not there."""
