@@ -1,0 +1,272 @@
+"""`LoraLayout`: the map between a PEFT LoRA state dict and one flat vector.
+
+A generator works on vectors, PEFT works on state dicts. The layout records everything needed to go back and forth
+exactly: the ordered keys as PEFT saves them (`base_model.model.<module>.lora_A.weight`, ...), their shapes and dtype,
+and the `LoraConfig` that makes the tensors loadable again. It is JSON-serialisable so it can live in the generator's
+`config.json`.
+
+Normalisation statistics also live here, because they are defined by the layout: an element-wise mean over the bank
+(`offset`, so the network does not have to reproduce what every checkpoint shares, like LoRA A's common random init)
+and one standard deviation per tensor (`scale`, so tensors of very different magnitude weigh the same in the loss).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+from .errors import (
+    CorruptFileError,
+    EmptyBankError,
+    LayoutMismatchError,
+    MissingFileError,
+    NonFiniteError,
+    UnsupportedAdapterError,
+)
+
+__all__ = ["LoraLayout", "load_adapter", "lora_config_to_dict"]
+
+# LoraConfig fields that describe where the adapter came from, not what it is: two adapters that differ only in these
+# still share a layout.
+_PROVENANCE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+
+
+def lora_config_to_dict(config: LoraConfig | dict) -> dict:
+    """A JSON-serialisable copy of a LoRA config: sets become sorted lists, enums their values."""
+    if isinstance(config, PeftConfig):
+        config = config.to_dict()
+
+    def plain(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(plain(item) for item in value)
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        if hasattr(value, "value") and isinstance(value.value, str):  # PeftType / TaskType enums
+            return value.value
+        return value
+
+    data = plain(dict(config))
+    json.dumps(data)  # fail here, not at save time, if a field is still not JSON
+    return data
+
+
+def _check_supported(config: dict) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"peft-cvae generates LoRA adapters, but this adapter has peft_type={peft_type!r}. "
+            "Train LoRA adapters (peft.LoraConfig) for the bank."
+        )
+    if config.get("use_dora"):
+        raise UnsupportedAdapterError(
+            "DoRA adapters (use_dora=True) are not supported yet: their magnitude vectors need a different "
+            "normalisation. Train the bank's adapters with use_dora=False."
+        )
+
+
+def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter (local folder or Hub repo id): its config as a dict and its state dict.
+
+    Weights are read by peft (`adapter_model.safetensors`, or a legacy `.bin` with `torch.load(weights_only=True)`).
+    """
+    path_str = str(path)
+    is_local = Path(path_str).exists()
+    if is_local and not (Path(path_str) / "adapter_config.json").is_file():
+        raise MissingFileError(
+            f"{path_str} has no adapter_config.json, so it is not a PEFT adapter folder. Point to the folder "
+            "written by `PeftModel.save_pretrained`."
+        )
+    try:
+        config = PeftConfig.from_pretrained(path_str, **hub_kwargs)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CorruptFileError(
+            f"The adapter_config.json of {path_str} cannot be read as a PEFT config: {error}"
+        ) from error
+    config_dict = lora_config_to_dict(config)
+    _check_supported(config_dict)
+    try:
+        state_dict = load_peft_weights(path_str, device="cpu", **hub_kwargs)
+    except FileNotFoundError as error:
+        raise MissingFileError(
+            f"{path_str} has an adapter_config.json but no adapter weights (adapter_model.safetensors). "
+            "Save the adapter again with `PeftModel.save_pretrained`."
+        ) from error
+    except Exception as error:
+        if is_local and "safetensor" in type(error).__name__.lower():
+            raise CorruptFileError(
+                f"The adapter weights in {path_str} are not a readable safetensors file ({error}). "
+                "The file is corrupted or truncated: save or download it again."
+            ) from error
+        raise
+    return config_dict, state_dict
+
+
+@dataclass
+class LoraLayout:
+    """Ordered keys, shapes and dtype of a LoRA adapter, plus the LoRA config that makes it loadable.
+
+    Build one with `LoraLayout.from_peft_model(model)`, `LoraLayout.from_pretrained(adapter_dir)` or
+    `LoraLayout.from_state_dict(state_dict, lora_config)`. `flatten` and `unflatten` are exact inverses.
+    """
+
+    keys: list[str]
+    shapes: list[list[int]]
+    dtype: str
+    lora_config: dict
+
+    def __post_init__(self):
+        self.keys = [str(key) for key in self.keys]
+        self.shapes = [[int(size) for size in shape] for shape in self.shapes]
+        if not self.keys:
+            raise EmptyBankError("A LoRA layout needs at least one tensor, but the adapter's state dict is empty.")
+        if len(self.keys) != len(self.shapes):
+            raise CorruptFileError(f"The layout lists {len(self.keys)} keys but {len(self.shapes)} shapes.")
+        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise UnsupportedAdapterError(f"LoRA tensors of dtype {self.dtype} are not supported; use a float dtype.")
+        _check_supported(self.lora_config)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], lora_config: LoraConfig | dict) -> "LoraLayout":
+        """Layout of a PEFT state dict in saved form (keys without adapter name, as `get_peft_model_state_dict`)."""
+        config = lora_config_to_dict(lora_config)
+        _check_supported(config)
+        if not state_dict:
+            raise EmptyBankError("The adapter's state dict is empty: there are no LoRA tensors to lay out.")
+        dtypes = {str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()}
+        if len(dtypes) != 1:
+            raise UnsupportedAdapterError(f"The adapter mixes dtypes {sorted(dtypes)}; cast it to one dtype first.")
+        keys = sorted(state_dict)
+        return cls(
+            keys=keys, shapes=[list(state_dict[key].shape) for key in keys], dtype=dtypes.pop(), lora_config=config
+        )
+
+    @classmethod
+    def from_peft_model(cls, model: PeftModel, adapter_name: str = "default") -> "LoraLayout":
+        """Layout of one adapter of a live `PeftModel`."""
+        state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        return cls.from_state_dict(state_dict, model.peft_config[adapter_name])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> "LoraLayout":
+        """Layout of a saved PEFT adapter (local folder or Hub repo id)."""
+        config, state_dict = load_adapter(path, **hub_kwargs)
+        return cls.from_state_dict(state_dict, config)
+
+    def to_dict(self) -> dict:
+        return {"keys": self.keys, "shapes": self.shapes, "dtype": self.dtype, "lora_config": self.lora_config}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraLayout":
+        missing = [name for name in ("keys", "shapes", "dtype", "lora_config") if name not in data]
+        if missing:
+            raise CorruptFileError(f"The saved layout lacks the fields {missing}; save the generator or bank again.")
+        return cls(keys=data["keys"], shapes=data["shapes"], dtype=data["dtype"], lora_config=data["lora_config"])
+
+    # ---- sizes --------------------------------------------------------------------------------------------------
+    @property
+    def sizes(self) -> list[int]:
+        """Number of elements of each tensor, in key order."""
+        return [int(torch.Size(shape).numel()) for shape in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        """Length of the flat vector."""
+        return sum(self.sizes)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def peft_config(self) -> LoraConfig:
+        """A fresh `LoraConfig` equal to the one the layout was built from."""
+        fields = {key: value for key, value in self.lora_config.items() if key not in ("peft_type", "peft_version")}
+        return LoraConfig(**fields)
+
+    # ---- checks -------------------------------------------------------------------------------------------------
+    def check(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Raise `LayoutMismatchError` naming the first key that is missing, unexpected or of another shape."""
+        for key, shape in zip(self.keys, self.shapes):
+            if key not in state_dict:
+                raise LayoutMismatchError(
+                    f"The adapter has no tensor {key!r} (expected shape {tuple(shape)}). It was trained on another "
+                    "base model or other target modules than this layout; use adapters of the same base model, "
+                    f"target modules {self.lora_config.get('target_modules')} and rank r={self.lora_config.get('r')}."
+                )
+            if list(state_dict[key].shape) != shape:
+                raise LayoutMismatchError(
+                    f"Tensor {key!r} has shape {tuple(state_dict[key].shape)} but the layout expects {tuple(shape)}. "
+                    f"Use adapters of rank r={self.lora_config.get('r')} on the same base model."
+                )
+        unexpected = sorted(set(state_dict) - set(self.keys))
+        if unexpected:
+            raise LayoutMismatchError(
+                f"The adapter has a tensor {unexpected[0]!r} (shape {tuple(state_dict[unexpected[0]].shape)}) that "
+                f"the layout does not know ({len(unexpected)} such tensors in all). It targets more modules than "
+                f"{self.lora_config.get('target_modules')}; use adapters with the same target modules."
+            )
+
+    def check_config(self, lora_config: LoraConfig | dict) -> None:
+        """Raise `LayoutMismatchError` if a LoRA config differs from the layout's in a field that changes the tensors
+        or their meaning (rank, alpha, target modules, rslora, ...)."""
+        other = lora_config_to_dict(lora_config)
+        for key in sorted(set(self.lora_config) | set(other)):
+            if key in _PROVENANCE_FIELDS or key == "peft_type":
+                continue
+            mine, theirs = self.lora_config.get(key), other.get(key)
+            if mine != theirs:
+                raise LayoutMismatchError(
+                    f"The adapter's LoraConfig has {key}={theirs!r} but the layout has {key}={mine!r}. All adapters "
+                    "of a bank must share one LoRA configuration."
+                )
+
+    # ---- flat vectors -------------------------------------------------------------------------------------------
+    def flatten(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the tensors in key order into one float32 vector of length `numel`."""
+        self.check(state_dict)
+        vector = torch.cat([state_dict[key].detach().reshape(-1).float().cpu() for key in self.keys])
+        if not torch.isfinite(vector).all():
+            bad = next(key for key in self.keys if not torch.isfinite(state_dict[key].float()).all())
+            raise NonFiniteError(
+                f"Tensor {bad!r} contains NaN or Inf. The checkpoint is broken (training diverged?); leave it out."
+            )
+        return vector
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector back into a PEFT state dict (layout dtype, contiguous tensors)."""
+        if vector.dim() != 1 or vector.numel() != self.numel:
+            raise LayoutMismatchError(
+                f"Expected a 1-D vector of {self.numel} elements for this layout, got shape {tuple(vector.shape)}."
+            )
+        pieces = torch.split(vector.detach(), self.sizes)
+        return {
+            key: piece.reshape(shape).to(self.torch_dtype).contiguous()
+            for key, shape, piece in zip(self.keys, self.shapes, pieces)
+        }
+
+    # ---- normalisation ------------------------------------------------------------------------------------------
+    def tensor_ids(self) -> torch.Tensor:
+        """For each element of the flat vector, the index of the tensor it belongs to. Shape (numel,)."""
+        return torch.repeat_interleave(torch.arange(len(self.keys)), torch.tensor(self.sizes))
+
+    def statistics(self, vectors: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation statistics of a bank of flat vectors (K, numel).
+
+        Returns `offset` (numel,), the element-wise mean over the bank, and `scale` (num_tensors,), the standard
+        deviation of each tensor's values around that mean. A tensor that never varies gets scale 1.
+        """
+        if vectors.dim() != 2 or vectors.shape[1] != self.numel:
+            raise LayoutMismatchError(f"Expected vectors of shape (K, {self.numel}), got {tuple(vectors.shape)}.")
+        vectors = vectors.double()
+        offset = vectors.mean(dim=0)
+        squared = (vectors - offset).pow(2).mean(dim=0)  # (numel,)
+        per_tensor = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, self.tensor_ids(), squared)
+        scale = (per_tensor / torch.tensor(self.sizes, dtype=torch.float64)).sqrt()
+        scale = torch.where(scale > eps, scale, torch.ones_like(scale))
+        return offset.float(), scale.float()
