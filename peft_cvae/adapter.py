@@ -1,0 +1,91 @@
+"""`GeneratedAdapter`: a LoRA written by a generator, in the form PEFT expects."""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import set_peft_model_state_dict
+
+from .errors import LayoutMismatchError, NonFiniteError
+from .file_utils import atomic_directory, write_safetensors
+from .layout import LoraLayout
+
+__all__ = ["GeneratedAdapter"]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class GeneratedAdapter:
+    """A generated LoRA adapter: PEFT state dict (saved-key form) plus the layout that describes it.
+
+    Attributes:
+        state_dict: `{"base_model.model.<module>.lora_A.weight": tensor, ...}`, as `get_peft_model_state_dict` gives.
+        layout: the generator's `LoraLayout` (keys, shapes, dtype, LoRA config).
+        task: name of the training task it was generated for, or None for a condition tensor.
+        generator_name_or_path, seed, temperature: provenance, written into the adapter's metadata.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    layout: LoraLayout
+    task: str | None = None
+    generator_name_or_path: str | None = None
+    seed: int | None = None
+    temperature: float = 1.0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def peft_config(self) -> LoraConfig:
+        """The adapter's `LoraConfig` (a fresh copy each time)."""
+        return self.layout.peft_config()
+
+    def _check(self) -> None:
+        self.layout.check(self.state_dict)
+        for key, tensor in self.state_dict.items():
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"Tensor {key!r} of the generated adapter has NaN or Inf; nothing was written.")
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`.
+
+        Files are written to a temporary folder first and moved into place only when complete.
+        """
+        self._check()
+        provenance = {"generated_by": "peft-cvae"}
+        provenance.update({key: str(value) for key, value in self._provenance().items() if value is not None})
+        with atomic_directory(save_directory) as staging:
+            self.peft_config.save_pretrained(staging)
+            write_safetensors(self.state_dict, staging / ADAPTER_WEIGHTS_NAME, metadata=provenance)
+
+    def _provenance(self) -> dict:
+        return {
+            "task": self.task,
+            "generator": self.generator_name_or_path,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            **self.metadata,
+        }
+
+    def to_peft_model(self, base_model, adapter_name: str = "default") -> PeftModel:
+        """Load the adapter into `base_model` (modified in place, as with PEFT) and return the `PeftModel`.
+
+        If `base_model` is already a `PeftModel`, the adapter is added under `adapter_name` and made active.
+        """
+        self._check()
+        if isinstance(base_model, PeftModel):
+            base_model.add_adapter(adapter_name, self.peft_config)
+            model = base_model
+        else:
+            model = get_peft_model(base_model, self.peft_config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, self.state_dict, adapter_name=adapter_name)
+        missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
+        if result.unexpected_keys or missing:
+            first = (result.unexpected_keys or missing)[0]
+            raise LayoutMismatchError(
+                f"The generated adapter does not fit this base model (first mismatch: {first!r}; "
+                f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected). Use the base model the "
+                f"generator's adapters were trained on ({self.layout.lora_config.get('base_model_name_or_path')!r})."
+            )
+        model.set_adapter(adapter_name)
+        return model

@@ -1,0 +1,384 @@
+"""`PeftCVAEGenerator`: a conditional VAE over flattened LoRA checkpoints (after ICM-LoRA, 2025).
+
+How a LoRA checkpoint becomes something a small network can model
+------------------------------------------------------------------
+1. `LoraLayout.flatten` turns the PEFT state dict into one vector of N numbers (N = 460,800 for SmolLM2-135M with
+   r=8 on q_proj, v_proj).
+2. Normalisation: subtract the bank's element-wise mean (`param_offset`, a persistent buffer) and divide by one
+   standard deviation per tensor (`param_scale`). The mean carries what all checkpoints share (LoRA A's common random
+   init, the average task), so the network models only what makes tasks differ, and every tensor weighs the same in
+   the loss.
+3. Patches: every tensor is cut into patches of `patch_size` numbers (the last one zero-padded), giving a sequence of
+   L tokens (L = 1,800 for the example above). No token mixes two tensors.
+
+The network
+-----------
+Encoder q(z | x, c): a 1-D convolution with kernel = stride = patch_size embeds each patch into `hidden_channels`
+(written as reshape + linear, which is the same map and much faster on CPU); a learned position embedding says which
+patch of which tensor a token is; the projected condition c is added to every token (the same as concatenating c to the
+input as extra channels); then `num_layers` residual blocks of GroupNorm -> SiLU -> Conv1d(kernel_size) run along the
+token axis; the tokens are averaged and mapped to the mean and log-variance of z.
+
+Decoder p(x | z, c): z and c are projected to `hidden_channels` and added to the decoder's own position embedding at
+every token, `num_layers` residual conv blocks follow, and a linear map turns each token back into a patch (the
+transpose of the patch embedding). The output layer starts at zero, so an untrained generator writes the bank mean.
+
+Loss = mean squared error in normalised space + kl_weight * KL(q(z | x, c) || N(0, I)), kl_weight = 0.005 as in
+ICM-LoRA. Generation samples z ~ N(0, temperature^2 I) (temperature 0 gives the mean, z = 0) and decodes.
+
+Why not a plain stack of strided convolutions over the raw N-long vector: measured on SmolLM2 checkpoints, it
+collapsed to the global mean, while models over per-tensor patches learned (DESIGN.md §7). Why no dense layer over the
+whole vector: a (N x hidden) matrix would be larger than the bank it replaces. Here the size grows with L x
+hidden_channels (position embeddings) and hidden_channels^2 x kernel_size x num_layers (convolutions), plus the N-long
+mean buffer, i.e. about one checkpoint.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_peft_cvae import PeftCVAEConfig
+from .errors import ConditionError, NonFiniteError, UnknownTaskError
+
+__all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
+
+
+@dataclass
+class PeftCVAEOutput(ModelOutput):
+    """Output of `PeftCVAEGenerator.forward`.
+
+    Args:
+        loss: reconstruction_loss + kl_weight * kl_loss.
+        reconstruction_loss: mean squared error between input and reconstruction, in normalised space.
+        kl_loss: KL(q(z | x, c) || N(0, I)), summed over latent dimensions, averaged over the batch.
+        reconstruction: the decoded flat vectors in normalised space, shape (B, N).
+        latent_mean, latent_log_variance: parameters of q(z | x, c), shape (B, latent_size).
+    """
+
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    kl_loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_log_variance: torch.Tensor | None = None
+
+
+def _num_groups(channels: int) -> int:
+    """The largest of 8, 4, 2, 1 that divides `channels`."""
+    return next(groups for groups in (8, 4, 2, 1) if channels % groups == 0)
+
+
+class ConvBlock(nn.Module):
+    """Pre-norm residual block along the token axis: x + Conv1d(SiLU(GroupNorm(x)))."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, C, L)
+        return hidden + self.conv(F.silu(self.norm(hidden)))
+
+
+class ConditionProjection(nn.Module):
+    """LayerNorm then linear: task vectors come at any scale (sentence embeddings ~1, LM hidden states ~100)."""
+
+    def __init__(self, condition_size: int, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(condition_size)
+        self.linear = nn.Linear(condition_size, channels)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:  # (B, cond) -> (B, C)
+        return self.linear(self.norm(condition))
+
+
+class PeftCVAEEncoder(nn.Module):
+    """q(z | x, c): patches (B, L, P) and condition (B, cond) -> mean and log-variance of z, each (B, Z)."""
+
+    def __init__(self, config: PeftCVAEConfig):
+        super().__init__()
+        channels = config.hidden_channels
+        self.patch_embedding = nn.Linear(config.patch_size, channels)
+        self.position_embedding = nn.Parameter(torch.zeros(channels, config.num_tokens))
+        self.condition_projection = ConditionProjection(config.condition_size, channels)
+        self.blocks = nn.ModuleList(ConvBlock(channels, config.kernel_size) for _ in range(config.num_layers))
+        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.to_latent = nn.Linear(channels, 2 * config.latent_size)
+
+    def forward(self, patches: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.patch_embedding(patches).transpose(1, 2)  # (B, C, L)
+        hidden = hidden + self.position_embedding + self.condition_projection(condition)[:, :, None]
+        for block in self.blocks:
+            hidden = block(hidden)
+        pooled = F.silu(self.norm(hidden)).mean(dim=2)  # (B, C)
+        mean, log_variance = self.to_latent(pooled).chunk(2, dim=-1)  # (B, Z) each
+        return mean, log_variance
+
+
+class PeftCVAEDecoder(nn.Module):
+    """p(x | z, c): latent (B, Z) and condition (B, cond) -> patches (B, L, P) in normalised space."""
+
+    def __init__(self, config: PeftCVAEConfig):
+        super().__init__()
+        channels = config.hidden_channels
+        self.latent_projection = nn.Linear(config.latent_size, channels)
+        self.condition_projection = ConditionProjection(config.condition_size, channels)
+        self.position_embedding = nn.Parameter(torch.zeros(channels, config.num_tokens))
+        self.blocks = nn.ModuleList(ConvBlock(channels, config.kernel_size) for _ in range(config.num_layers))
+        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.to_patches = nn.Linear(channels, config.patch_size)
+        self.to_patches.is_output_layer = True  # zero-initialised, see PeftCVAEGenerator._init_weights
+
+    def forward(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        task_and_sample = self.latent_projection(latent) + self.condition_projection(condition)  # (B, C)
+        hidden = self.position_embedding + task_and_sample[:, :, None]  # (B, C, L)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.to_patches(F.silu(self.norm(hidden)).transpose(1, 2))  # (B, L, P)
+
+
+class PeftCVAEGenerator(PreTrainedModel):
+    """A conditional VAE that generates PEFT LoRA adapters from task vectors.
+
+    Build one from a `LoraBank` with `PeftCVAEGenerator.from_bank(bank)`, train it with
+    `peft_cvae.train_generator`, then call `generate_adapter(task)`. Saved and loaded like any transformers model
+    (`save_pretrained`, `from_pretrained`, `AutoModel.from_pretrained`).
+    """
+
+    config_class = PeftCVAEConfig
+    base_model_prefix = "generator"
+    main_input_name = "params"
+    _no_split_modules = ["ConvBlock"]
+
+    def __init__(self, config: PeftCVAEConfig):
+        super().__init__(config)
+        layout = config.lora_layout
+        # Persistent buffers: from_pretrained builds the model on the meta device and refills only saved state.
+        self.register_buffer("param_offset", torch.zeros(layout.numel))  # (N,) element-wise bank mean
+        self.register_buffer("param_scale", torch.ones(len(layout.keys)))  # (num_tensors,) per-tensor std
+        self.register_buffer("task_conditions", torch.zeros(len(config.task_names), config.condition_size))
+        self.encoder = PeftCVAEEncoder(config)
+        self.decoder = PeftCVAEDecoder(config)
+        self._index_cache = {}
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, (PeftCVAEEncoder, PeftCVAEDecoder)):
+            init.normal_(module.position_embedding, mean=0.0, std=self.config.initializer_range)
+        if getattr(module, "is_output_layer", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_bank(cls, bank, **config_overrides) -> "PeftCVAEGenerator":
+        """A new, untrained generator for a `LoraBank`: its layout, tasks, condition size and normalisation.
+
+        `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64, num_layers=4`.
+        """
+        vectors = bank.vectors()  # (K, N), raises if the bank is empty
+        offset, scale = bank.layout.statistics(vectors)
+        config = PeftCVAEConfig(
+            layout=bank.layout.to_dict(),
+            condition_size=bank.condition_size,
+            task_names=bank.task_names,
+            task_descriptions=[bank.description(task) for task in bank.task_names],
+            **{"condition_encoder": bank.condition_encoder, **config_overrides},
+        )
+        model = cls(config)
+        with torch.no_grad():
+            model.param_offset.copy_(offset)
+            model.param_scale.copy_(scale)
+            model.task_conditions.copy_(bank.condition_matrix())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load a saved generator (folder or Hub repo id), as `PreTrainedModel.from_pretrained`."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # Weights come memory-mapped from safetensors at unaligned addresses, where CPU kernels take other code paths
+        # and round differently (~1e-7). Copying them into memory of our own keeps generation bit-identical to the
+        # model that was saved, and frees the file.
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+        return loaded
+
+    # ---- flat vector <-> normalised patches ---------------------------------------------------------------------
+    def _indices(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_index, tensor_sizes): where each element of the flat vector sits in the padded (L * P) vector, and
+        the number of elements of each tensor. Derived from the config, so computed lazily rather than stored."""
+        if device not in self._index_cache:
+            sizes = self.config.lora_layout.sizes
+            patch = self.config.patch_size
+            starts, position = [], 0
+            for size in sizes:
+                starts.append(torch.arange(size) + position)
+                position += -(-size // patch) * patch
+            self._index_cache[device] = (torch.cat(starts).to(device), torch.tensor(sizes, device=device))
+        return self._index_cache[device]
+
+    def normalize(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw flat LoRA vectors (B, N) -> normalised (B, N)."""
+        _, sizes = self._indices(params.device)
+        return (params - self.param_offset) / torch.repeat_interleave(self.param_scale, sizes)
+
+    def denormalize(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, N) -> raw flat LoRA vectors (B, N)."""
+        _, sizes = self._indices(normalized.device)
+        return normalized * torch.repeat_interleave(self.param_scale, sizes) + self.param_offset
+
+    def patchify(self, flat: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> (B, L, P), each tensor zero-padded to whole patches."""
+        index, _ = self._indices(flat.device)
+        padded = flat.new_zeros(flat.shape[0], self.config.num_tokens * self.config.patch_size)
+        padded[:, index] = flat
+        return padded.view(flat.shape[0], self.config.num_tokens, self.config.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, P) -> (B, N), dropping the padding."""
+        index, _ = self._indices(patches.device)
+        return patches.reshape(patches.shape[0], -1)[:, index]
+
+    # ---- the VAE ------------------------------------------------------------------------------------------------
+    def _check_condition(self, condition: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        if not isinstance(condition, torch.Tensor):
+            raise ConditionError(f"A condition must be a torch.Tensor, got {type(condition).__name__}.")
+        if condition.dim() != 2 or condition.shape[1] != self.config.condition_size:
+            raise ConditionError(
+                f"Expected conditions of shape (batch, {self.config.condition_size}), got {tuple(condition.shape)}. "
+                f"This generator was trained on {self.config.condition_size}-dimensional task vectors; encode the "
+                "task with the same encoder as the training conditions."
+            )
+        if batch_size is not None and condition.shape[0] != batch_size:
+            raise ConditionError(f"Got {condition.shape[0]} conditions for {batch_size} LoRA vectors.")
+        if not torch.isfinite(condition).all():
+            raise ConditionError("The condition contains NaN or Inf; check the task encoder's output.")
+        return condition.to(device=self.param_offset.device, dtype=self.param_offset.dtype)
+
+    def encode(self, params: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw flat LoRA vectors (B, N) and conditions (B, cond) -> mean and log-variance of q(z | x, c)."""
+        condition = self._check_condition(condition, params.shape[0])
+        return self.encoder(self.patchify(self.normalize(params)), condition)
+
+    def decode(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Latents (B, Z) and conditions (B, cond) -> raw flat LoRA vectors (B, N)."""
+        condition = self._check_condition(condition, latent.shape[0])
+        return self.denormalize(self.unpatchify(self.decoder(latent, condition)))
+
+    def forward(self, params: torch.Tensor, condition: torch.Tensor, return_dict: bool = True) -> PeftCVAEOutput:
+        """Encode, sample z (the mean in eval mode), decode, and score.
+
+        Args:
+            params: raw flat LoRA vectors, shape (B, N), as `LoraLayout.flatten` makes them.
+            condition: task vectors, shape (B, condition_size).
+        """
+        if params.dim() != 2 or params.shape[1] != self.config.lora_layout.numel:
+            raise ConditionError(
+                f"Expected flat LoRA vectors of shape (batch, {self.config.lora_layout.numel}), got "
+                f"{tuple(params.shape)}. Flatten adapters with generator.config.lora_layout.flatten(state_dict)."
+            )
+        condition = self._check_condition(condition, params.shape[0])
+        target = self.normalize(params)  # (B, N)
+        mean, log_variance = self.encoder(self.patchify(target), condition)  # (B, Z) each
+        if self.training:
+            latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance)  # reparameterisation
+        else:
+            latent = mean
+        reconstruction = self.unpatchify(self.decoder(latent, condition))  # (B, N)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
+        kl_loss = (-0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp())).sum(dim=-1).mean()
+        loss = reconstruction_loss + self.config.kl_weight * kl_loss
+        output = PeftCVAEOutput(loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance)
+        return output if return_dict else output.to_tuple()
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def task_condition(self, task) -> tuple[torch.Tensor, str | None]:
+        """Turn a task into its condition vector (condition_size,) and, if it has one, its name.
+
+        A task is the name of a training task (its stored condition is used) or a condition tensor.
+        """
+        if isinstance(task, str):
+            if task in self.config.task_names:
+                return self.task_conditions[self.config.task_names.index(task)], task
+            known = ", ".join(repr(name) for name in self.config.task_names) or "none"
+            raise UnknownTaskError(
+                f"Unknown task {task!r}. This generator was trained on the tasks {known}; pass one of those names, or "
+                f"a condition tensor of size {self.config.condition_size} for a new task."
+            )
+        if isinstance(task, torch.Tensor):
+            return self._check_condition(task.reshape(1, -1) if task.dim() == 1 else task, 1)[0], None
+        raise ConditionError(f"A task must be a task name (str) or a condition tensor, got {type(task).__name__}.")
+
+    @torch.no_grad()
+    def generate_adapter(
+        self,
+        task,
+        *,
+        num_samples: int = 1,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        base_model=None,
+        adapter_name: str = "default",
+    ):
+        """Generate LoRA adapter(s) for a task in one forward pass of the decoder.
+
+        Args:
+            task: name of a training task, or a condition tensor of size `condition_size`.
+            num_samples: how many adapters to draw (a list is returned when > 1).
+            seed: seed of the latent noise; the same seed gives bit-identical adapters.
+            temperature: z ~ N(0, temperature^2 I); 0 decodes the mean (z = 0).
+            base_model: if given, the adapter is loaded into it and the `PeftModel` is returned.
+            adapter_name: adapter name used with `base_model`.
+
+        Returns:
+            a `GeneratedAdapter` (or a list of them), or a `peft.PeftModel` when `base_model` is given.
+        """
+        from .adapter import GeneratedAdapter
+
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if base_model is not None and num_samples != 1:
+            raise ValueError("base_model= loads one adapter; use num_samples=1, or load each sample yourself.")
+        condition, task_name = self.task_condition(task)
+        noise = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Drawn one row at a time so that sample i is the same whatever num_samples is.
+        latent = torch.cat([torch.randn(1, self.config.latent_size, generator=noise) for _ in range(num_samples)])
+        latent = latent * temperature  # (S, Z)
+        was_training = self.training
+        self.eval()
+        try:
+            # One sample at a time: batched kernels round differently, and sample i must not depend on num_samples.
+            flat = torch.cat([self.decode(z[None].to(self.param_offset), condition[None]) for z in latent])  # (S, N)
+        finally:
+            self.train(was_training)
+        layout = self.config.lora_layout
+        adapters = []
+        for vector in flat.float().cpu():
+            if not torch.isfinite(vector).all():
+                raise NonFiniteError(
+                    "The generated adapter contains NaN or Inf, so it was not written. The generator's weights are "
+                    "broken (training diverged?): retrain it, e.g. with a lower learning rate or in float32."
+                )
+            adapters.append(
+                GeneratedAdapter(
+                    state_dict=layout.unflatten(vector),
+                    layout=layout,
+                    task=task_name,
+                    generator_name_or_path=self.config.name_or_path or None,
+                    seed=seed,
+                    temperature=temperature,
+                )
+            )
+        if base_model is not None:
+            return adapters[0].to_peft_model(base_model, adapter_name=adapter_name)
+        return adapters[0] if num_samples == 1 else adapters
