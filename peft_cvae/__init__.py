@@ -1,0 +1,52 @@
+"""peft-cvae: learn to generate PEFT LoRA adapters with a conditional VAE (after ICM-LoRA, 2025).
+
+Train one `PeftCVAEGenerator` on a `LoraBank` of LoRA checkpoints of one base model, then write a task's LoRA in one
+forward pass with `generator.generate_adapter(task)`.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .adapter import GeneratedAdapter
+from .configuration_peft_cvae import PeftCVAEConfig
+from .data import LoraBank, LoraCheckpoint
+from .errors import (
+    ConditionError,
+    CorruptFileError,
+    EmptyBankError,
+    InvalidConfigError,
+    LayoutMismatchError,
+    MissingFileError,
+    NonFiniteError,
+    PeftCVAEError,
+    UnknownTaskError,
+    UnsupportedAdapterError,
+)
+from .layout import LoraLayout
+from .modeling_peft_cvae import PeftCVAEGenerator, PeftCVAEOutput
+from .training import train_generator
+
+__version__ = "0.1.0"
+
+AutoConfig.register(PeftCVAEConfig.model_type, PeftCVAEConfig, exist_ok=True)
+AutoModel.register(PeftCVAEConfig, PeftCVAEGenerator, exist_ok=True)
+
+__all__ = [
+    "ConditionError",
+    "CorruptFileError",
+    "EmptyBankError",
+    "GeneratedAdapter",
+    "InvalidConfigError",
+    "LayoutMismatchError",
+    "LoraBank",
+    "LoraCheckpoint",
+    "LoraLayout",
+    "MissingFileError",
+    "NonFiniteError",
+    "PeftCVAEConfig",
+    "PeftCVAEError",
+    "PeftCVAEGenerator",
+    "PeftCVAEOutput",
+    "UnknownTaskError",
+    "UnsupportedAdapterError",
+    "train_generator",
+]

