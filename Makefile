@@ -1,0 +1,30 @@
+# peft-cvae developer commands, in the style of peft's Makefile.
+.PHONY: install test quality style demo docs clean
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+# torch first: 2.13.0 is the CPU build on this machine's disk; letting pip pick one pulls several GB.
+TORCH_VERSION ?= 2.13.0
+
+$(VENV)/.installed-%: setup.py
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(PIP) install --quiet --disable-pip-version-check -e ".[$*]"
+	touch $@
+
+install: $(VENV)/.installed-test
+
+test: $(VENV)/.installed-test
+	$(PYTHON) -m pytest tests -q
+
+quality: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check peft_cvae tests benchmarks examples
+	$(VENV)/bin/ruff format --check peft_cvae tests benchmarks examples
+
+style: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix peft_cvae tests benchmarks examples
+	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info site
