@@ -1,6 +1,7 @@
 import pytest
 from accelerate.state import AcceleratorState
 
+from tests.hub_fixtures import hub_env, local_hub  # noqa: F401  (fixtures for every test module)
 from tests.testing_utils import build_bank, small_generator_overrides
 
 

@@ -26,14 +26,7 @@ from huggingface_hub.errors import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from tests import hub_fixtures
 from tests.hub_server import LocalHubServer
-
-# Make the fixtures visible to this module. (Bound by assignment rather than imported by name, so that linters do
-# not report the test arguments as redefinitions of an unused import.) Once tests/conftest.py imports them, these
-# two lines can go.
-local_hub = hub_fixtures.local_hub
-hub_env = hub_fixtures.hub_env
 
 
 def tiny_llama_config() -> LlamaConfig:
