@@ -1,0 +1,239 @@
+"""Language-model quality on held-out text: perplexity and bits per character, computed in torch.
+
+The metric scripts of `evaluate` live on the Hugging Face Hub (unreachable offline), and the Hub's `perplexity` metric
+takes a model id rather than a model in memory. `evaluate_language_model` works on any causal language model that is
+already loaded: a transformers model, a `peft.PeftModel` with a LoRA attached (a generated one, a merge, a soup), on
+any device, optionally under autocast.
+
+How texts are scored:
+
+- Each text is tokenized on its own (no special tokens), and the tokenizer's BOS token (or, if it has none, its EOS
+  token, the usual document separator) is put in front as context, so that the first token of the text is predicted
+  too. Texts never see each other.
+- A text longer than `max_length` tokens is cut into windows of `max_length` tokens; each window starts `stride`
+  tokens after the previous one, and only the tokens that no earlier window predicted are scored, the rest serve as
+  context. Every token of every text is therefore predicted exactly once, with at least `max_length - stride` tokens of
+  context from the second window on (the default `stride = max_length - 1` is the fastest; a smaller stride gives
+  more context and a lower perplexity, at the cost of more forward passes).
+- Perplexity is `exp(total negative log-likelihood / number of predicted tokens)`. It depends on the tokenizer.
+- Bits per character is `total negative log-likelihood in nats / ln 2 / number of characters`, where the characters are
+  all the Unicode code points of the texts, `sum(len(text) for text in texts)`: exactly the text whose tokens were
+  predicted. It does not depend on the tokenizer, so it compares models with different vocabularies (for lossless
+  tokenizers; one that drops or replaces characters gets them for free). If the tokenizer has neither a BOS nor an
+  EOS token, the first token of each text has no context and is not predicted; its characters are then left out.
+"""
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["evaluate_language_model", "language_model_metric"]
+
+
+def _check_arguments(texts, max_length, batch_size, stride) -> int:
+    """Validate the arguments of `evaluate_language_model`; return the stride to use."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got a single string. Wrap it in a list: [text].")
+    if not all(isinstance(text, str) for text in texts):
+        wrong = next(type(text).__name__ for text in texts if not isinstance(text, str))
+        raise TypeError(f"texts must be a list of strings, but it holds a {wrong}. Pass the raw texts, not token ids.")
+    if len(texts) == 0:
+        raise ValueError("texts is empty: pass at least one non-empty text to score.")
+    for name, value, minimum in (("max_length", max_length, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    if stride is None:
+        return max_length - 1
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length - 1:
+        raise ValueError(
+            f"stride must be an integer from 1 to max_length - 1 = {max_length - 1}, got {stride!r}: consecutive "
+            "windows must overlap by at least one token for every token to be predicted. Leave it as None for "
+            "windows that overlap by exactly one token."
+        )
+    return stride
+
+
+def _context_token_id(tokenizer) -> int | None:
+    """The token put in front of every text: BOS, else EOS, else none."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _tokenize(tokenizer, text: str, context_token_id: int | None) -> tuple[list[int], int]:
+    """Token ids of `text` (with the context token in front) and the number of characters they predict."""
+    if context_token_id is not None:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return ([context_token_id, *ids], len(text)) if ids else ([], 0)
+    if getattr(tokenizer, "is_fast", False):
+        encoding = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        first_token_end = offsets[0][1] if ids else len(text)
+    else:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        first_token_end = len(tokenizer.decode(ids[:1])) if ids else len(text)
+    # Without a context token, the first token cannot be predicted: its characters are not scored.
+    return ids, len(text) - first_token_end
+
+
+def _windows(ids: list[int], max_length: int, stride: int):
+    """Yield (input ids, labels) windows; each token after the first is labelled (predicted) in exactly one window."""
+    first_unscored = 1
+    start = 0
+    while first_unscored < len(ids):
+        end = min(start + max_length, len(ids))
+        labels = [-100] * (first_unscored - start) + ids[first_unscored:end]
+        yield ids[start:end], labels
+        first_unscored = end
+        start += stride
+
+
+def _batches(windows: list, batch_size: int, pad_token_id: int, device: torch.device):
+    """Right-padded batches: padding is masked out of attention and labelled -100, so it is never scored."""
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, window_labels) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.tensor(window_labels)
+            attention_mask[row, : len(ids)] = 1
+        yield input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def evaluate_language_model(
+    model,
+    tokenizer,
+    texts,
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+    stride: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Score a causal language model on texts: perplexity and bits per character (see the module docstring).
+
+    Args:
+        model: any causal LM that takes `input_ids` and `attention_mask` and returns `logits` (a transformers
+            `...ForCausalLM`, a `peft.PeftModel`). It is put in eval mode for the call and its mode is restored after.
+        tokenizer: the model's tokenizer.
+        texts: a list of strings; each is scored on its own. Empty strings contribute nothing.
+        max_length: tokens per window (the context token included).
+        batch_size: windows per forward pass. It does not change the result (padding is masked), only speed and
+            memory.
+        stride: how many tokens each window starts after the previous one, from 1 to `max_length - 1`; `None` means
+            `max_length - 1` (windows overlap by one token).
+        autocast_dtype: run the forward passes under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CPU).
+            The log-likelihoods are always computed in float32.
+
+    Returns:
+        A dict with `perplexity` (per token), `bits_per_character`, `loss` (mean negative log-likelihood per predicted
+        token, in nats), `num_tokens` (tokens predicted) and `num_characters` (characters scored).
+
+    Example:
+        ```python
+        model, tokenizer = load_smollm2()
+        evaluate_language_model(model, tokenizer, load_domain_texts("sport", "test", max_texts=20), max_length=128)
+        ```
+    """
+    stride = _check_arguments(texts, max_length, batch_size, stride)
+    context_token_id = _context_token_id(tokenizer)
+    windows = []
+    num_characters = 0
+    for text in texts:
+        ids, characters = _tokenize(tokenizer, text, context_token_id)
+        windows.extend(_windows(ids, max_length, stride))
+        num_characters += characters
+    if not windows:
+        raise ValueError("No token to score: every text is empty (or a single token). Pass non-empty texts.")
+    pad_token_id = next(
+        (token_id for token_id in (tokenizer.pad_token_id, context_token_id) if token_id is not None), 0
+    )
+
+    device = _model_device(model)
+    total_nll = 0.0
+    num_tokens = 0
+    was_training = model.training
+    model.eval()
+    progress = tqdm(total=len(windows), desc="Scoring text", unit="window", disable=None)
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask, labels in _batches(windows, batch_size, pad_token_id, device):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                for row in range(logits.shape[0]):  # one row at a time: float32 logits of a whole batch are large
+                    targets = labels[row, 1:]
+                    total_nll += F.cross_entropy(
+                        logits[row, :-1].float(), targets, ignore_index=-100, reduction="sum"
+                    ).item()
+                    num_tokens += int((targets != -100).sum())
+                progress.update(input_ids.shape[0])
+    finally:
+        progress.close()
+        model.train(was_training)
+
+    loss = total_nll / num_tokens
+    return {
+        "perplexity": math.exp(loss),
+        "bits_per_character": total_nll / math.log(2) / num_characters if num_characters else math.nan,
+        "loss": loss,
+        "num_tokens": num_tokens,
+        "num_characters": num_characters,
+    }
+
+
+@cache
+def _metric_class():
+    """Define the `evaluate.Metric` subclass; only on demand, as importing `evaluate` and `datasets` takes seconds."""
+    import datasets
+    import evaluate
+
+    class LanguageModelMetric(evaluate.Metric):
+        """`evaluate_language_model` as an `evaluate.Metric`: `predictions` are the texts to score."""
+
+        def _info(self):
+            return evaluate.MetricInfo(
+                description="Perplexity and bits per character of a causal language model on texts.",
+                citation="",
+                inputs_description="predictions: list of texts; model, tokenizer and options as keywords.",
+                features=datasets.Features({"predictions": datasets.Value("string")}),
+            )
+
+        def _compute(self, predictions, model=None, tokenizer=None, **options):
+            if model is None or tokenizer is None:
+                raise ValueError(
+                    "This metric needs the model and its tokenizer: "
+                    "metric.compute(predictions=texts, model=model, tokenizer=tokenizer)."
+                )
+            return evaluate_language_model(model, tokenizer, list(predictions), **options)
+
+    LanguageModelMetric.__module__ = __name__
+    return LanguageModelMetric
+
+
+def language_model_metric(**metric_options):
+    """`evaluate_language_model` as an `evaluate.Metric` instance, for code that expects one (no Hub access needed).
+
+    Example:
+        ```python
+        metric = language_model_metric()
+        metric.compute(predictions=texts, model=model, tokenizer=tokenizer, max_length=128)
+        ```
+
+    `predictions` are the texts to score; the other keywords of `compute` go to `evaluate_language_model`.
+    `metric_options` go to `evaluate.Metric` (e.g. `experiment_id`, `keep_in_memory`).
+    """
+    return _metric_class()(**metric_options)
