@@ -26,5 +26,8 @@ style: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix peft_cvae tests benchmarks examples
 	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples
 
+docs: $(VENV)/.installed-dev
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) build *.egg-info site
