@@ -7,6 +7,7 @@ forward pass with `generator.generate_adapter(task)`.
 from transformers import AutoConfig, AutoModel
 
 from .adapter import GeneratedAdapter
+from .callbacks import LoraCheckpointCallback
 from .configuration_peft_cvae import PeftCVAEConfig
 from .data import LoraBank, LoraCheckpoint
 from .errors import (
@@ -39,6 +40,7 @@ __all__ = [
     "LayoutMismatchError",
     "LoraBank",
     "LoraCheckpoint",
+    "LoraCheckpointCallback",
     "LoraLayout",
     "MissingFileError",
     "NonFiniteError",

@@ -81,6 +81,12 @@ class LoraBank:
         if description is not None:
             self._descriptions[task] = description
 
+    def set_description(self, task: str, description: str) -> None:
+        """Set the text that describes a task (a text task encoder can turn it into the task's condition)."""
+        if not isinstance(description, str):
+            raise TypeError(f"The description of task {task!r} must be a string, got {type(description).__name__}.")
+        self._descriptions[task] = description
+
     @classmethod
     def from_adapters(
         cls,
