@@ -24,6 +24,7 @@ from .errors import (
 )
 from .layout import LoraLayout
 from .modeling_peft_cvae import PeftCVAEGenerator, PeftCVAEOutput
+from .task_encoding import HiddenStateTaskEncoder, TaskEncoder, TextTaskEncoder, load_task_encoder
 from .training import train_generator
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "CorruptFileError",
     "EmptyBankError",
     "GeneratedAdapter",
+    "HiddenStateTaskEncoder",
     "InvalidConfigError",
     "LayoutMismatchError",
     "LoraBank",
@@ -48,7 +50,10 @@ __all__ = [
     "PeftCVAEError",
     "PeftCVAEGenerator",
     "PeftCVAEOutput",
+    "TaskEncoder",
+    "TextTaskEncoder",
     "UnknownTaskError",
     "UnsupportedAdapterError",
+    "load_task_encoder",
     "train_generator",
 ]

