@@ -273,12 +273,21 @@ class PeftCVAEGenerator(PreTrainedModel):
         condition = self._check_condition(condition, latent.shape[0])
         return self.denormalize(self.unpatchify(self.decoder(latent, condition)))
 
-    def forward(self, params: torch.Tensor, condition: torch.Tensor, return_dict: bool = True) -> PeftCVAEOutput:
+    def forward(
+        self,
+        params: torch.Tensor,
+        condition: torch.Tensor,
+        return_dict: bool = True,
+        noise: torch.Tensor | None = None,
+    ) -> PeftCVAEOutput:
         """Encode, sample z (the mean in eval mode), decode, and score.
 
         Args:
             params: raw flat LoRA vectors, shape (B, N), as `LoraLayout.flatten` makes them.
             condition: task vectors, shape (B, condition_size).
+            noise: standard normal noise of the reparameterisation in training mode, shape (B, latent_size); drawn
+                from torch's global generator when None. `train_generator` passes noise drawn per global batch, so
+                the result does not depend on the number of processes and resumes bit-identically.
         """
         if params.dim() != 2 or params.shape[1] != self.config.lora_layout.numel:
             raise ConditionError(
@@ -289,7 +298,8 @@ class PeftCVAEGenerator(PreTrainedModel):
         target = self.normalize(params)  # (B, N)
         mean, log_variance = self.encoder(self.patchify(target), condition)  # (B, Z) each
         if self.training:
-            latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance)  # reparameterisation
+            noise = torch.randn_like(mean) if noise is None else noise.to(mean)
+            latent = mean + noise * torch.exp(0.5 * log_variance)  # reparameterisation
         else:
             latent = mean
         reconstruction = self.unpatchify(self.decoder(latent, condition))  # (B, N)
