@@ -5,11 +5,11 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer, CLIPModel
+from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LMHeadModel
 
-from peft_cvae import ConditionError, TaskEncoder, TextTaskEncoder, load_task_encoder
+from peft_cvae import ConditionError, HiddenStateTaskEncoder, TaskEncoder, TextTaskEncoder, load_task_encoder
 from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER
-from tests.testing_utils import save_tiny_text_encoder
+from tests.testing_utils import save_tiny_text_encoder, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,70 @@ def test_real_minilm_puts_a_football_report_near_sport_news():
     assert encoder.condition_size == 384
     football, sport, code = encoder.embed(["football match report", "sport news", "python source code"])
     assert football @ sport > football @ code + 0.1, (float(football @ sport), float(football @ code))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_and_tokenizer(bert_folder):
+    """The tiny Llama (vocabulary 64) with a WordPiece tokenizer whose ids fit in it."""
+    tokenizer = AutoTokenizer.from_pretrained(bert_folder)
+    assert len(tokenizer) <= tiny_llama().config.vocab_size
+    return tiny_llama(), tokenizer
+
+
+EXAMPLES = ["the numbers count up", "a sport news report of the football match", "python source code again"]
+
+
+def test_hidden_state_encoder_is_the_mean_last_real_token_state(tiny_lm_and_tokenizer):
+    model, tokenizer = tiny_lm_and_tokenizer
+    encoder = HiddenStateTaskEncoder(model, tokenizer)
+    assert isinstance(encoder, TaskEncoder) and encoder.condition_size == 16
+    expected = []
+    for text in EXAMPLES:  # one at a time, no padding at all: Eq. 1 by hand
+        with torch.no_grad():
+            output = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True)
+        expected.append(output.hidden_states[-1][0, -1])
+    states = encoder.last_token_states(EXAMPLES)
+    assert states.shape == (3, 16) and states.dtype == torch.float32
+    assert torch.allclose(states, torch.stack(expected), atol=1e-5)
+    assert torch.allclose(encoder.encode(EXAMPLES), torch.stack(expected).mean(dim=0), atol=1e-5)
+
+
+def tiny_gpt2():
+    """Absolute position embeddings: left padding shifts them unless position ids count real tokens only."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_hidden_state_encoder_does_not_depend_on_padding_side_or_batching(tiny_lm_and_tokenizer, architecture):
+    model, tokenizer = tiny_lm_and_tokenizer
+    model = model if architecture == "llama" else tiny_gpt2()
+    results = {}
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        results[side] = HiddenStateTaskEncoder(model, tokenizer).encode(EXAMPLES)
+    tokenizer.padding_side = "right"
+    results["one at a time"] = HiddenStateTaskEncoder(model, tokenizer, batch_size=1).encode(EXAMPLES)
+    assert torch.allclose(results["left"], results["right"], atol=1e-5)
+    assert torch.allclose(results["one at a time"], results["right"], atol=1e-5)
+    assert not torch.allclose(results["right"], HiddenStateTaskEncoder(model, tokenizer).encode(EXAMPLES[:1]))
+
+
+def test_hidden_state_spec_is_rebuilt_from_a_saved_model_or_a_given_one(tiny_lm_and_tokenizer, tmp_path):
+    model, tokenizer = tiny_lm_and_tokenizer
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    encoder = HiddenStateTaskEncoder(model, tokenizer, max_length=32, name_or_path=str(tmp_path))
+    spec = encoder.to_dict()
+    assert spec == {"kind": "hidden_state", "name_or_path": str(tmp_path), "max_length": 32}
+    loaded = load_task_encoder(spec)  # AutoModelForCausalLM + AutoTokenizer from the recorded path, cached
+    assert load_task_encoder(spec) is loaded and loaded.model is not model
+    assert torch.allclose(loaded.encode(EXAMPLES), encoder.encode(EXAMPLES), atol=1e-6)
+    given = load_task_encoder(spec, base_model=model, tokenizer=tokenizer)
+    assert given.model is model and given.max_length == 32
+
+    anonymous = HiddenStateTaskEncoder(tiny_llama(), tokenizer).to_dict()
+    assert anonymous["name_or_path"] is None
+    with pytest.raises(ConditionError, match="cannot be rebuilt"):
+        load_task_encoder(anonymous)
