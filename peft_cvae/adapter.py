@@ -9,7 +9,7 @@ from peft.utils import set_peft_model_state_dict
 
 from .errors import LayoutMismatchError, NonFiniteError
 from .file_utils import atomic_directory, write_safetensors
-from .layout import LoraLayout
+from .layout import LoraLayout, lora_config_to_dict
 
 __all__ = ["GeneratedAdapter"]
 
@@ -49,7 +49,10 @@ class GeneratedAdapter:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`.
 
-        Files are written to a temporary folder first and moved into place only when complete.
+        For a diffusers UNet (`layout.library == "diffusers"`) also write diffusers' `pytorch_lora_weights.safetensors`
+        with the LoRA config as `lora_adapter_metadata`, so `pipe.load_lora_weights(save_directory)` loads the same
+        tensors at the same scale (`lora_alpha / r`). Files are written to a temporary folder first and moved into
+        place only when complete.
         """
         self._check()
         provenance = {"generated_by": "peft-cvae"}
@@ -57,6 +60,10 @@ class GeneratedAdapter:
         with atomic_directory(save_directory) as staging:
             self.peft_config.save_pretrained(staging)
             write_safetensors(self.state_dict, staging / ADAPTER_WEIGHTS_NAME, metadata=provenance)
+            if self.layout.library == "diffusers":
+                from .diffusers_utils import save_diffusers_lora_weights
+
+                save_diffusers_lora_weights(self.state_dict, lora_config_to_dict(self.peft_config), staging)
 
     def _provenance(self) -> dict:
         return {

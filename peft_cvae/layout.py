@@ -28,11 +28,16 @@ from .errors import (
     UnsupportedAdapterError,
 )
 
-__all__ = ["LoraLayout", "load_adapter", "lora_config_to_dict"]
+__all__ = ["LIBRARIES", "LoraLayout", "adapter_library", "load_adapter", "lora_config_to_dict"]
 
 # LoraConfig fields that describe where the adapter came from, not what it is: two adapters that differ only in these
 # still share a layout.
 _PROVENANCE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+
+# What the adapter's base model is, which decides which files a generated adapter is written as:
+#   "peft": any model PEFT wraps (transformers, plain torch); PEFT files only.
+#   "diffusers": the UNet of a diffusers pipeline; PEFT files and diffusers' pytorch_lora_weights.safetensors.
+LIBRARIES = ("peft", "diffusers")
 
 
 def lora_config_to_dict(config: LoraConfig | dict) -> dict:
@@ -70,13 +75,25 @@ def _check_supported(config: dict) -> None:
         )
 
 
+def adapter_library(path: str | os.PathLike) -> str:
+    """`"diffusers"` for a local folder holding diffusers' `pytorch_lora_weights.safetensors` (a UNet LoRA), else
+    `"peft"`. Used to give a bank built from adapter folders the right `LoraLayout.library`."""
+    return "diffusers" if (Path(str(path)) / "pytorch_lora_weights.safetensors").is_file() else "peft"
+
+
 def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a PEFT adapter (local folder or Hub repo id): its config as a dict and its state dict.
 
     Weights are read by peft (`adapter_model.safetensors`, or a legacy `.bin` with `torch.load(weights_only=True)`).
+    A local diffusers LoRA folder (only `pytorch_lora_weights.safetensors`, with `lora_adapter_metadata`) is read by
+    diffusers and returned in PEFT's saved form (see `peft_cvae.diffusers_utils`).
     """
     path_str = str(path)
     is_local = Path(path_str).exists()
+    if is_local and not (Path(path_str) / "adapter_config.json").is_file() and adapter_library(path) == "diffusers":
+        from .diffusers_utils import load_diffusers_lora
+
+        return load_diffusers_lora(path)
     if is_local and not (Path(path_str) / "adapter_config.json").is_file():
         raise MissingFileError(
             f"{path_str} has no adapter_config.json, so it is not a PEFT adapter folder. Point to the folder "
@@ -111,14 +128,19 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
 class LoraLayout:
     """Ordered keys, shapes and dtype of a LoRA adapter, plus the LoRA config that makes it loadable.
 
-    Build one with `LoraLayout.from_peft_model(model)`, `LoraLayout.from_pretrained(adapter_dir)` or
-    `LoraLayout.from_state_dict(state_dict, lora_config)`. `flatten` and `unflatten` are exact inverses.
+    Build one with `LoraLayout.from_peft_model(model)`, `LoraLayout.from_pretrained(adapter_dir)`,
+    `LoraLayout.from_state_dict(state_dict, lora_config)` or, for a LoRA added to a diffusers UNet with
+    `unet.add_adapter(config)`, `LoraLayout.from_diffusers(unet)`. `flatten` and `unflatten` are exact inverses.
+
+    `library` says what the base model is: `"peft"` (default; any model PEFT wraps) or `"diffusers"` (a diffusers
+    UNet: generated adapters are also written as `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`).
     """
 
     keys: list[str]
     shapes: list[list[int]]
     dtype: str
     lora_config: dict
+    library: str = "peft"
 
     def __post_init__(self):
         self.keys = [str(key) for key in self.keys]
@@ -130,11 +152,21 @@ class LoraLayout:
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise UnsupportedAdapterError(f"LoRA tensors of dtype {self.dtype} are not supported; use a float dtype.")
         _check_supported(self.lora_config)
+        if self.library not in LIBRARIES:
+            raise UnsupportedAdapterError(
+                f"LoraLayout.library is {self.library!r}; expected one of {list(LIBRARIES)} ('diffusers' for a LoRA "
+                "on a diffusers UNet, 'peft' for anything else)."
+            )
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], lora_config: LoraConfig | dict) -> "LoraLayout":
-        """Layout of a PEFT state dict in saved form (keys without adapter name, as `get_peft_model_state_dict`)."""
+    def from_state_dict(
+        cls, state_dict: dict[str, torch.Tensor], lora_config: LoraConfig | dict, library: str = "peft"
+    ) -> "LoraLayout":
+        """Layout of a PEFT state dict in saved form (keys without adapter name, as `get_peft_model_state_dict`).
+
+        `library="diffusers"` marks the base model as a diffusers UNet (see the class docstring).
+        """
         config = lora_config_to_dict(lora_config)
         _check_supported(config)
         if not state_dict:
@@ -144,14 +176,31 @@ class LoraLayout:
             raise UnsupportedAdapterError(f"The adapter mixes dtypes {sorted(dtypes)}; cast it to one dtype first.")
         keys = sorted(state_dict)
         return cls(
-            keys=keys, shapes=[list(state_dict[key].shape) for key in keys], dtype=dtypes.pop(), lora_config=config
+            keys=keys,
+            shapes=[list(state_dict[key].shape) for key in keys],
+            dtype=dtypes.pop(),
+            lora_config=config,
+            library=library,
         )
 
     @classmethod
     def from_peft_model(cls, model: PeftModel, adapter_name: str = "default") -> "LoraLayout":
-        """Layout of one adapter of a live `PeftModel`."""
+        """Layout of one adapter of a live `PeftModel` (`library="diffusers"` when it wraps a diffusers UNet)."""
+        from .diffusers_utils import is_diffusers_unet
+
         state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        return cls.from_state_dict(state_dict, model.peft_config[adapter_name])
+        library = "diffusers" if is_diffusers_unet(model.get_base_model()) else "peft"
+        return cls.from_state_dict(state_dict, model.peft_config[adapter_name], library=library)
+
+    @classmethod
+    def from_diffusers(cls, model, adapter_name: str = "default") -> "LoraLayout":
+        """Layout of a LoRA on a diffusers UNet, added with `unet.add_adapter(LoraConfig(...))` (as diffusers'
+        training scripts do) or by `pipe.load_lora_weights`. Keys take PEFT's saved form (`base_model.model.` +
+        module), the same as for `peft.get_peft_model(unet, config)`."""
+        from .diffusers_utils import get_diffusers_lora_state_dict
+
+        state_dict = get_diffusers_lora_state_dict(model, adapter_name=adapter_name)
+        return cls.from_state_dict(state_dict, model.peft_config[adapter_name], library="diffusers")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> "LoraLayout":
@@ -160,14 +209,26 @@ class LoraLayout:
         return cls.from_state_dict(state_dict, config)
 
     def to_dict(self) -> dict:
-        return {"keys": self.keys, "shapes": self.shapes, "dtype": self.dtype, "lora_config": self.lora_config}
+        return {
+            "keys": self.keys,
+            "shapes": self.shapes,
+            "dtype": self.dtype,
+            "lora_config": self.lora_config,
+            "library": self.library,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoraLayout":
         missing = [name for name in ("keys", "shapes", "dtype", "lora_config") if name not in data]
         if missing:
             raise CorruptFileError(f"The saved layout lacks the fields {missing}; save the generator or bank again.")
-        return cls(keys=data["keys"], shapes=data["shapes"], dtype=data["dtype"], lora_config=data["lora_config"])
+        return cls(
+            keys=data["keys"],
+            shapes=data["shapes"],
+            dtype=data["dtype"],
+            lora_config=data["lora_config"],
+            library=data.get("library", "peft"),  # layouts saved before the field existed are plain PEFT
+        )
 
     # ---- sizes --------------------------------------------------------------------------------------------------
     @property
