@@ -11,10 +11,19 @@ Nothing is pickled; every file is JSON or safetensors.
 """
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 from .errors import ConditionError, CorruptFileError, EmptyBankError, MissingFileError, UnknownTaskError
 from .file_utils import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
@@ -25,6 +34,35 @@ __all__ = ["LoraBank", "LoraCheckpoint"]
 BANK_MANIFEST_NAME = "bank.json"
 CONDITIONS_NAME = "conditions.safetensors"
 BANK_FORMAT_VERSION = 1
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all that is read of a PEFT adapter repo
+BANK_FILE_PATTERNS = [BANK_MANIFEST_NAME, CONDITIONS_NAME, "checkpoints/*.safetensors"]  # all a bank repo holds
+
+
+def _download_from_hub(
+    repo_id: str, *, repo_type: str, files: list[str], what: str, revision: str | None, token: str | bool | None
+) -> Path:
+    """Download `files` (glob patterns) of one commit of a Hub repo; turn every "not there" into `MissingFileError`."""
+    kind = "dataset repo" if repo_type == "dataset" else "repo"
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, allow_patterns=files, revision=revision, token=token)
+    except RevisionNotFoundError as error:
+        raise MissingFileError(
+            f"The Hub {kind} {repo_id!r} has no revision {revision!r}. Pass an existing branch, tag or commit."
+        ) from error
+    except RepositoryNotFoundError as error:  # also gated repos and private repos without a token
+        raise MissingFileError(
+            f"The Hub {kind} {repo_id!r} (expected: {what}) does not exist or you cannot access it. Check the repo "
+            "id, and pass token= (or log in with `hf auth login`) for a private repo."
+        ) from error
+    except HFValidationError as error:
+        raise MissingFileError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({error}).") from error
+    except LocalEntryNotFoundError as error:  # offline, or the Hub cannot be reached, and nothing is cached
+        raise MissingFileError(
+            f"Cannot download the Hub {kind} {repo_id!r}{at}: the Hub cannot be reached and it is not in the "
+            f"local cache ({error}). Connect to the Hub, or pass a local folder."
+        ) from error
+    return Path(folder)
 
 
 @dataclass
@@ -116,6 +154,46 @@ class LoraBank:
         bank._descriptions.update(descriptions or {})
         return bank
 
+    @classmethod
+    def from_hub(
+        cls,
+        repo_ids_by_task: dict[str, list[str] | str],
+        conditions: dict[str, torch.Tensor] | None = None,
+        descriptions: dict[str, str] | None = None,
+        condition_encoder: dict | None = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+    ) -> "LoraBank":
+        """Build a bank from PEFT adapter repos on the Hub: `{task: ["user/adapter", ...] or "user/adapter"}`.
+
+        Only `adapter_config.json` and `adapter_model.safetensors` of each repo are downloaded (to the Hugging Face
+        cache), then the bank is built as by `from_adapters`; one checkpoint per task is enough. `revision` applies to
+        every repo. A missing repo, revision or file raises `MissingFileError` naming the repo.
+        """
+        if not repo_ids_by_task or not any(repo_ids_by_task.values()):
+            raise EmptyBankError("No repos were given. Pass {task name: [Hub repo id, ...]} with at least one.")
+        folders = {}
+        for task, repo_ids in repo_ids_by_task.items():
+            folders[task] = []
+            for repo_id in [repo_ids] if isinstance(repo_ids, str) else repo_ids:
+                folder = _download_from_hub(
+                    repo_id,
+                    repo_type="model",
+                    files=list(ADAPTER_FILES),
+                    what="a PEFT LoRA adapter",
+                    revision=revision,
+                    token=token,
+                )
+                for name in ADAPTER_FILES:
+                    if not (folder / name).is_file():
+                        raise MissingFileError(
+                            f"The Hub repo {repo_id!r} has no {name}, so it is not a PEFT adapter saved as "
+                            "safetensors. Push adapters with `PeftModel.push_to_hub` (safetensors is the default)."
+                        )
+                folders[task].append(folder)
+        return cls.from_adapters(folders, conditions, descriptions, condition_encoder)
+
     # ---- reading ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -194,9 +272,108 @@ class LoraBank:
             }
             write_json(manifest, staging / BANK_MANIFEST_NAME)
 
+    def dataset_card(self, repo_id: str | None = None) -> DatasetCard:
+        """The README.md of the bank's Hub dataset repo: YAML metadata, the tasks and how to load the bank."""
+        config = self.layout.lora_config
+        base_model = config.get("base_model_name_or_path")
+        tasks = self.task_names
+        metadata = DatasetCardData(
+            pretty_name=f"LoRA bank: {', '.join(tasks)}" if tasks else "LoRA bank",
+            tags=["peft-cvae", "lora-bank", "lora", "peft"],
+            size_categories="n<1K" if len(self) < 1000 else "1K<n<10K",
+            peft_cvae={
+                "tasks": tasks,
+                "checkpoints": len(self),
+                "base_model": base_model,
+                "r": config.get("r"),
+                "lora_alpha": config.get("lora_alpha"),
+                "target_modules": config.get("target_modules"),
+                "parameters_per_checkpoint": self.layout.numel,
+            },
+        )
+        rows = "\n".join(
+            f"| {task} | {len(self.checkpoints_of(task))} | "
+            f"{', '.join(str(c.step) for c in self.checkpoints_of(task) if c.step is not None) or '-'} | "
+            f"{self.description(task).replace('|', '/')} |"
+            for task in tasks
+        )
+        content = f"""---
+{metadata.to_yaml()}
+---
+
+# LoRA bank
+
+{len(self)} LoRA checkpoints of `{base_model}` (rank {config.get("r")}, alpha {config.get("lora_alpha")}, target
+modules {config.get("target_modules")}; {self.layout.numel:,} parameters each) for {len(tasks)} task(s), collected to
+train a [peft-cvae](https://pypi.org/project/peft-cvae/) LoRA generator. Every file is safetensors or JSON.
+
+| task | checkpoints | steps | description |
+|---|---|---|---|
+{rows}
+
+## Use
+
+```python
+from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
+
+bank = LoraBank.from_pretrained("{repo_id or "<this repo>"}")
+generator = PeftCVAEGenerator.from_bank(bank)
+train_generator(generator, bank)
+```
+"""
+        return DatasetCard(content)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ):
+        """Upload the bank as a Hub **dataset** repo (the `save_pretrained` folder plus a README.md dataset card).
+
+        Checkpoint files left in the repo by an earlier, larger push are deleted in the same commit. Load the bank
+        back with `LoraBank.from_pretrained(repo_id)`. Returns huggingface_hub's `CommitInfo`.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="peft-cvae-bank-") as folder:
+            self.save_pretrained(folder)
+            self.dataset_card(repo_id).save(Path(folder) / "README.md")
+            return api.upload_folder(
+                repo_id=repo_id,
+                repo_type="dataset",
+                folder_path=folder,
+                revision=revision,
+                commit_message=commit_message or f"Upload LoRA bank ({len(self)} checkpoints) with peft-cvae",
+                delete_patterns=["checkpoints/*.safetensors"],
+            )
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraBank":
-        """Load a bank folder written by `save_pretrained`."""
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+    ) -> "LoraBank":
+        """Load a bank written by `save_pretrained`: a local folder, or a Hub dataset repo id pushed by `push_to_hub`.
+
+        A string that is not an existing folder but a valid repo id (`"user/my-bank"`) is downloaded from the Hub
+        (only the manifest and safetensors files; `revision` and `token` apply to it). A `pathlib.Path` is always
+        local.
+        """
+        if isinstance(directory, str) and not Path(directory).exists() and _is_repo_id(directory):
+            directory = _download_from_hub(
+                directory,
+                repo_type="dataset",
+                files=BANK_FILE_PATTERNS,
+                what="a LoRA bank pushed with LoraBank.push_to_hub",
+                revision=revision,
+                token=token,
+            )
         directory = Path(directory)
         manifest = read_json(directory / BANK_MANIFEST_NAME, what="bank manifest")
         for name, kind in (("format_version", int), ("layout", dict), ("tasks", list), ("checkpoints", list)):
@@ -216,8 +393,11 @@ class LoraBank:
                 raise CorruptFileError(
                     f"A checkpoint entry of {directory / BANK_MANIFEST_NAME} is malformed: {entry!r}"
                 )
-            path = (directory / entry["file"]).resolve()
-            if directory.resolve() not in path.parents:
+            # checked lexically, not with resolve(): a bank downloaded from the Hub lies in the Hugging Face cache,
+            # where every file is a symlink to a blob outside the snapshot folder
+            relative = Path(entry["file"])
+            path = directory / relative
+            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
                 raise CorruptFileError(f"The bank manifest points outside the bank folder: {entry['file']!r}.")
             if not path.is_file():
                 raise MissingFileError(
@@ -231,3 +411,14 @@ class LoraBank:
                 bank.set_condition(task, condition)
         bank._descriptions.update({task: text for task, text in descriptions.items() if text})
         return bank
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id (`name` or `namespace/name`) rather than a path."""
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or "\\" in name:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
