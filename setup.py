@@ -5,7 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 extras = {
-    "diffusers": ["diffusers>=0.30"],
+    "diffusers": ["diffusers>=0.34"],  # lora_adapter_metadata (save_lora_weights(..., unet_lora_adapter_metadata=))
     "evaluate": ["evaluate>=0.4"],
     "plots": ["matplotlib>=3.7", "scikit-learn>=1.3"],
     "tensorboard": ["tensorboard>=2.14"],
