@@ -56,7 +56,10 @@ def _download_from_hub(
             "id, and pass token= (or log in with `hf auth login`) for a private repo."
         ) from error
     except HFValidationError as error:
-        raise MissingFileError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({error}).") from error
+        raise MissingFileError(
+            f"{repo_id!r} is not a valid Hub repo id ({error}); expected 'name' or 'namespace/name'. For adapter "
+            "folders on disk use LoraBank.from_adapters; for a bank folder, LoraBank.from_pretrained(Path(...))."
+        ) from error
     except LocalEntryNotFoundError as error:  # offline, or the Hub cannot be reached, and nothing is cached
         raise MissingFileError(
             f"Cannot download the Hub {kind} {repo_id!r}{at}: the Hub cannot be reached and it is not in the "
@@ -277,8 +280,9 @@ class LoraBank:
         config = self.layout.lora_config
         base_model = config.get("base_model_name_or_path")
         tasks = self.task_names
+        shown = ", ".join(tasks[:5]) + (f" and {len(tasks) - 5} more" if len(tasks) > 5 else "")
         metadata = DatasetCardData(
-            pretty_name=f"LoRA bank: {', '.join(tasks)}" if tasks else "LoRA bank",
+            pretty_name=f"LoRA bank: {shown}" if tasks else "LoRA bank",
             tags=["peft-cvae", "lora-bank", "lora", "peft"],
             size_categories="n<1K" if len(self) < 1000 else "1K<n<10K",
             peft_cvae={
@@ -303,9 +307,10 @@ class LoraBank:
 
 # LoRA bank
 
-{len(self)} LoRA checkpoints of `{base_model}` (rank {config.get("r")}, alpha {config.get("lora_alpha")}, target
-modules {config.get("target_modules")}; {self.layout.numel:,} parameters each) for {len(tasks)} task(s), collected to
-train a [peft-cvae](https://pypi.org/project/peft-cvae/) LoRA generator. Every file is safetensors or JSON.
+{len(self)} LoRA checkpoints of {f"`{base_model}`" if base_model else "one base model (not named in its LoRA config)"}
+for {len(tasks)} task(s), collected to train a [peft-cvae](https://pypi.org/project/peft-cvae/) LoRA generator: rank
+{config.get("r")}, alpha {config.get("lora_alpha")}, target modules {config.get("target_modules")},
+{self.layout.numel:,} parameters per checkpoint. Every file is safetensors or JSON; `bank.json` lists the checkpoints.
 
 | task | checkpoints | steps | description |
 |---|---|---|---|

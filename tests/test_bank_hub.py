@@ -100,6 +100,9 @@ def test_missing_repos_and_files_are_clear_errors(bank, hub_env, tmp_path):
     with pytest.raises(MissingFileError, match="no revision 'v9'"):
         LoraBank.from_hub({"ascending": "user/bank-hub-revision"}, revision="v9")
 
+    with pytest.raises(MissingFileError, match="from_adapters"):
+        LoraBank.from_hub({"ascending": str(tmp_path / "a" / "local" / "folder")})
+
     with pytest.raises(MissingFileError, match="user/bank-hub-no-such-bank"):
         LoraBank.from_pretrained("user/bank-hub-no-such-bank")
     # an adapter (model) repo is not a bank (dataset) repo

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import IA3Config, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -155,6 +155,10 @@ def test_successive_runs_fill_one_bank_that_trains_a_generator(tmp_path, fresh_a
 def test_clear_errors(tmp_path, fresh_accelerate_state):
     with pytest.raises(UnsupportedAdapterError, match="get_peft_model"):
         run_trainer(tiny_llama(), "ascending", [LoraCheckpointCallback(None, "ascending")], tmp_path, max_steps=2)
+
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[]))
+    with pytest.raises(UnsupportedAdapterError, match="IA3"):
+        run_trainer(ia3, "ascending", [LoraCheckpointCallback(None, "ascending")], tmp_path, max_steps=2)
 
     callback = LoraCheckpointCallback(None, "ascending")
     run_trainer(lora_model(), "ascending", [callback], tmp_path, max_steps=2)
