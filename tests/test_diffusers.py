@@ -212,6 +212,30 @@ def test_bank_reads_diffusers_lora_folders(unet_runs, tmp_path):
         load_diffusers_lora(bare)
 
 
+def test_generator_learns_unet_loras(unet_bank, unet_generator, tmp_path):
+    history = unet_generator.training_history
+    assert history[-1]["reconstruction_loss"] < 0.5 * history[0]["reconstruction_loss"]
+    layout = unet_bank.layout
+    means = {
+        task: torch.stack([layout.flatten(c.state_dict) for c in unet_bank.checkpoints_of(task)]).mean(dim=0)
+        for task in unet_bank.task_names
+    }
+    for task in unet_bank.task_names:
+        generated = layout.flatten(unet_generator.generate_adapter(task, seed=0).state_dict)
+        distances = {other: (generated - mean).norm().item() for other, mean in means.items()}
+        assert min(distances, key=distances.get) == task, distances
+
+    # The library travels with the layout through the bank's and the generator's files.
+    unet_bank.save_pretrained(tmp_path / "bank")
+    assert LoraBank.from_pretrained(tmp_path / "bank").layout.library == "diffusers"
+    unet_generator.save_pretrained(tmp_path / "generator")
+    reloaded = PeftCVAEGenerator.from_pretrained(tmp_path / "generator")
+    assert reloaded.config.lora_layout.library == "diffusers"
+    original = unet_generator.generate_adapter("flip", seed=0).state_dict
+    again = reloaded.generate_adapter("flip", seed=0).state_dict
+    assert all(torch.equal(original[key], again[key]) for key in original)
+
+
 def test_generated_adapter_writes_peft_and_diffusers_files(unet_generator, saved_adapter):
     adapter, folder = saved_adapter
     assert {path.name for path in folder.iterdir()} >= {
@@ -224,8 +248,6 @@ def test_generated_adapter_writes_peft_and_diffusers_files(unet_generator, saved
         keys = list(file.keys())
     assert metadata["unet.lora_alpha"] == ALPHA and metadata["unet.r"] == RANK
     assert all(key.startswith("unet.") for key in keys) and len(keys) == len(adapter.state_dict)
-    # the layout (and its library) survives the generator's config.json
-    assert unet_generator.config.lora_layout.library == "diffusers"
 
 
 def test_load_lora_weights_matches_peft_route(unet_generator, saved_adapter, tmp_path):
