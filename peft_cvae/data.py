@@ -128,6 +128,24 @@ class LoraBank:
             raise TypeError(f"The description of task {task!r} must be a string, got {type(description).__name__}.")
         self._descriptions[task] = description
 
+    def encode_conditions(self, encoder, tasks: dict[str, str | list[str]]) -> None:
+        """Set each task's condition to `encoder.encode(...)` and record `encoder.to_dict()` as the bank's encoder.
+
+        Args:
+            encoder: a `TaskEncoder` (`TextTaskEncoder`, `HiddenStateTaskEncoder`).
+            tasks: `{task: description}` (a string, also stored as the task's description) or `{task: [example
+                texts]}` for in-context vectors.
+        """
+        spec = encoder.to_dict()
+        if self.condition_encoder not in (None, spec) and set(self._conditions) - set(tasks):
+            raise ConditionError(
+                f"The bank's other conditions came from {self.condition_encoder}, not {spec}. Encode every task with "
+                "the same task encoder."
+            )
+        for task, text in tasks.items():
+            self.set_condition(task, encoder.encode(text), description=text if isinstance(text, str) else None)
+        self.condition_encoder = spec
+
     @classmethod
     def from_adapters(
         cls,

@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
@@ -210,6 +210,21 @@ def test_bank_reads_diffusers_lora_folders(unet_runs, tmp_path):
     StableDiffusionPipeline.save_lora_weights(bare, unet_lora_layers=strip(expected))
     with pytest.raises(UnsupportedAdapterError, match="lora_adapter_metadata"):
         load_diffusers_lora(bare)
+
+
+def test_bank_from_peft_folders_of_a_unet(unet_runs, tmp_path):
+    """PEFT folders do not say their base is a diffusers UNet: `library="diffusers"` says it."""
+    folders = []
+    for step, state in unet_runs["shift"][1][:2]:
+        peft_unet = get_peft_model(tiny_unet(), unet_lora_config())
+        set_peft_model_state_dict(peft_unet, state)
+        peft_unet.save_pretrained(tmp_path / f"shift-{step}")
+        folders.append(tmp_path / f"shift-{step}")
+    assert LoraBank.from_adapters({"shift": folders}).layout.library == "peft"
+    bank = LoraBank.from_adapters({"shift": folders}, library="diffusers")
+    assert bank.layout.library == "diffusers"
+    expected = unet_runs["shift"][1][1][1]
+    assert all(torch.equal(bank.checkpoints[1].state_dict[key], expected[key]) for key in expected)
 
 
 def test_generator_learns_unet_loras(unet_bank, unet_generator, tmp_path):

@@ -5,11 +5,24 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from peft.utils import get_peft_model_state_dict
 from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LMHeadModel
 
-from peft_cvae import ConditionError, HiddenStateTaskEncoder, TaskEncoder, TextTaskEncoder, load_task_encoder
+from peft_cvae import (
+    ConditionError,
+    HiddenStateTaskEncoder,
+    LoraBank,
+    PeftCVAEGenerator,
+    TaskEncoder,
+    TextTaskEncoder,
+    UnknownTaskError,
+    load_task_encoder,
+    train_generator,
+)
 from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER
-from tests.testing_utils import save_tiny_text_encoder, tiny_llama
+from tests.testing_utils import save_tiny_text_encoder, small_generator_overrides, tiny_llama
+
+POOLING = {"pooling": "mean", "max_length": 256}
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +176,109 @@ def test_hidden_state_spec_is_rebuilt_from_a_saved_model_or_a_given_one(tiny_lm_
     assert anonymous["name_or_path"] is None
     with pytest.raises(ConditionError, match="cannot be rebuilt"):
         load_task_encoder(anonymous)
+
+
+# ---- the generator uses the recorded encoder ------------------------------------------------------------------------
+DESCRIPTIONS = {
+    "ascending": "numbers count up",
+    "descending": "numbers count down",
+    "repeating": "the tokens follow a repeating pattern again",
+}
+TASK_EXAMPLES = {
+    "ascending": ["numbers count up", "up up up"],
+    "descending": ["numbers count down", "down down"],
+    "repeating": ["again and again", "repeating pattern again"],
+}
+
+
+def conditioned_generator(bank, encoder, tasks: dict):
+    """A short-trained generator on `bank`'s checkpoints with conditions from `encoder`."""
+    text_bank = LoraBank(bank.layout)
+    for checkpoint in bank:
+        text_bank.add_checkpoint(checkpoint.task, checkpoint.state_dict, step=checkpoint.step)
+    text_bank.encode_conditions(encoder, tasks)
+    assert text_bank.condition_encoder == encoder.to_dict()
+    generator = PeftCVAEGenerator.from_bank(text_bank, **small_generator_overrides())
+    assert generator.config.condition_encoder == encoder.to_dict()
+    train_generator(generator, text_bank, epochs=20, lr=3e-3, batch_size=4, show_progress=False)
+    return generator.eval(), text_bank
+
+
+def same_adapter(first, second) -> bool:
+    return first.state_dict.keys() == second.state_dict.keys() and all(
+        torch.equal(first.state_dict[key], second.state_dict[key]) for key in first.state_dict
+    )
+
+
+def test_a_description_is_encoded_with_the_recorded_text_encoder_after_from_pretrained(bank, bert_folder, tmp_path):
+    generator, text_bank = conditioned_generator(bank, TextTaskEncoder(bert_folder), DESCRIPTIONS)
+    assert text_bank.description("descending") == DESCRIPTIONS["descending"]
+    generator.save_pretrained(tmp_path / "generator")
+    text_bank.save_pretrained(tmp_path / "bank")
+    assert LoraBank.from_pretrained(tmp_path / "bank").condition_encoder == generator.config.condition_encoder
+
+    loaded = PeftCVAEGenerator.from_pretrained(tmp_path / "generator")
+    assert loaded.config.condition_encoder == {"kind": "text", "name_or_path": bert_folder, **POOLING}
+    by_description = loaded.generate_adapter(DESCRIPTIONS["descending"], seed=1)  # no encoder rebuilt by the caller
+    assert by_description.task is None and by_description.metadata["description"] == DESCRIPTIONS["descending"]
+    assert same_adapter(by_description, loaded.generate_adapter("descending", seed=1))
+    assert same_adapter(by_description, generator.generate_adapter(DESCRIPTIONS["descending"], seed=1))
+    new_task = loaded.generate_adapter("the football match report", seed=1)
+    assert not same_adapter(new_task, by_description)
+
+    with pytest.raises(ConditionError, match="gives 16-dimensional vectors, but this generator was trained on 8"):
+        trained = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
+        trained.generate_adapter("numbers count up", task_encoder=TextTaskEncoder(bert_folder))
+
+
+def test_examples_use_the_recorded_hidden_state_encoder(bank, tiny_lm_and_tokenizer, tmp_path):
+    model, tokenizer = tiny_lm_and_tokenizer
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    encoder = HiddenStateTaskEncoder(model, tokenizer, name_or_path=str(tmp_path / "base"))
+    generator, _ = conditioned_generator(bank, encoder, TASK_EXAMPLES)
+    generator.save_pretrained(tmp_path / "generator")
+    loaded = PeftCVAEGenerator.from_pretrained(tmp_path / "generator")
+    assert loaded.config.condition_encoder["kind"] == "hidden_state"
+
+    from_examples = loaded.generate_adapter(examples=TASK_EXAMPLES["repeating"], seed=2)  # loads the recorded base
+    assert from_examples.metadata["examples"] == 2
+    by_name = loaded.generate_adapter("repeating", seed=2)
+    assert all(
+        torch.allclose(from_examples.state_dict[k], by_name.state_dict[k], atol=1e-5) for k in by_name.state_dict
+    )
+    with_model = loaded.generate_adapter(examples=TASK_EXAMPLES["repeating"], seed=2, base_model=tiny_llama())
+    peft_state = get_peft_model_state_dict(with_model)
+    assert all(torch.allclose(peft_state[k], by_name.state_dict[k], atol=1e-5) for k in by_name.state_dict)
+    with_encoder = loaded.generate_adapter(
+        examples=["a new task", "of numbers"], seed=2, task_encoder=HiddenStateTaskEncoder(model, tokenizer)
+    )
+    assert not same_adapter(with_encoder, by_name)
+
+
+def test_generation_errors_are_clear(trained_generator, bert_folder):
+    with pytest.raises(ConditionError, match="not neither"):
+        trained_generator.generate_adapter()
+    with pytest.raises(ConditionError, match="not both"):
+        trained_generator.generate_adapter("ascending", examples=["x"])
+    with pytest.raises(ConditionError, match="non-empty list of texts"):
+        trained_generator.generate_adapter(examples="one string")
+    with pytest.raises(ConditionError, match="records no task encoder"):
+        trained_generator.generate_adapter(examples=["some text"])
+    with pytest.raises(UnknownTaskError, match="records no task encoder to embed a description"):
+        trained_generator.generate_adapter("a brand new task")
+    with pytest.raises(ConditionError, match="combine must be"):
+        trained_generator.generate_adapter("ascending", combine="latent")
+    generator = PeftCVAEGenerator.from_bank(trained_generator_bank_with_encoder(trained_generator, {"kind": "audio"}))
+    with pytest.raises(ConditionError, match="Unknown task encoder kind 'audio'"):
+        generator.generate_adapter("a description")
+
+
+def trained_generator_bank_with_encoder(generator, spec):
+    """A two-checkpoint bank in the generator's layout whose recorded encoder is `spec`."""
+    layout = generator.config.lora_layout
+    bank = LoraBank(layout, condition_encoder=spec)
+    for index, task in enumerate(generator.config.task_names[:2]):
+        bank.add_checkpoint(task, layout.unflatten(generator.param_offset + index))
+        bank.set_condition(task, generator.task_conditions[index])
+    return bank
