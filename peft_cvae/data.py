@@ -153,11 +153,15 @@ class LoraBank:
         conditions: dict[str, torch.Tensor] | None = None,
         descriptions: dict[str, str] | None = None,
         condition_encoder: dict | None = None,
+        library: str | None = None,
     ) -> "LoraBank":
         """Build a bank from saved PEFT adapters: `{task: [adapter folder or Hub repo id, ...]}`.
 
         The layout is taken from the first adapter; every other one must match it (same base model, rank and target
-        modules) and have the same LoRA config.
+        modules) and have the same LoRA config. Local diffusers LoRA folders (`pytorch_lora_weights.safetensors`
+        with `lora_adapter_metadata`) are read too and give `layout.library == "diffusers"`; pass
+        `library="diffusers"` for PEFT folders of a diffusers UNet (`PeftModel.save_pretrained`), so generated
+        adapters are also written for `pipe.load_lora_weights`.
         """
         if not adapters or not any(adapters.values()):
             raise EmptyBankError("No adapters were given. Pass {task name: [adapter folder, ...]} with at least one.")
@@ -166,7 +170,7 @@ class LoraBank:
             for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
                 config, state_dict = load_adapter(path)
                 if bank is None:
-                    layout = LoraLayout.from_state_dict(state_dict, config, library=adapter_library(path))
+                    layout = LoraLayout.from_state_dict(state_dict, config, library=library or adapter_library(path))
                     bank = cls(layout, condition_encoder=condition_encoder)
                 bank.layout.check_config(config)
                 bank.add_checkpoint(task, state_dict)
