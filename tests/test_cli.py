@@ -1,0 +1,332 @@
+"""The `peft-cvae` command line end to end on tiny models: collect -> train -> generate -> evaluate -> info -> plot.
+
+Everything runs in-process through `main([...])`, on a 2-layer Llama with a byte-level BPE tokenizer and a 1-layer BERT
+sentence encoder, both saved to folders as a user's models would be.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peft_cvae import LoraBank, PeftCVAEGenerator
+from peft_cvae.cli import main
+
+COMMANDS = ["collect", "train", "generate", "evaluate", "info", "plot"]
+TASK_TEXTS = {  # three easily told apart "domains"
+    "numbers": lambda i: " ".join(str((i * 7 + k) % 100) for k in range(40)),
+    "letters": lambda i: " ".join(chr(97 + (i + k) % 26) * 3 for k in range(40)),
+    "animals": lambda i: " ".join(
+        ["the cat sat on the mat", "a dog ran in the park", "birds sing"][(i + k) % 3] for k in range(8)
+    ),
+}
+DESCRIPTIONS = {"numbers": "lists of numbers", "letters": "repeated letters", "animals": "sentences about animals"}
+TRAIN_FLAGS = ["--epochs", "100", "--lr", "5e-3", "--batch-size", "4", "--patch-size", "16", "--hidden-channels", "32"]
+TRAIN_FLAGS += ["--latent-size", "4", "--num-layers", "1"]
+LORA_FLAGS = [
+    "--steps",
+    "20",
+    "--batch-size",
+    "2",
+    "--max-length",
+    "16",
+    "--save-steps",
+    "1",
+    "--last-fraction",
+    "0.15",
+]
+LORA_FLAGS += ["--lora-r", "2", "--lr", "3e-2"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with a few merges, trained in milliseconds."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([make(i) for make in TASK_TEXTS.values() for i in range(4)], trainer)
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Base model, sentence encoder, task texts and spec files in folders; then one collect and one train run."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=64,
+            initializer_range=0.3,  # larger random logits, so that a few LoRA steps visibly change them
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
+    encoder.save_pretrained(root / "encoder")
+    tokenizer.save_pretrained(root / "encoder")
+
+    for task, make in TASK_TEXTS.items():
+        (root / "data" / task).mkdir(parents=True)
+        for i in range(4):
+            (root / "data" / task / f"{i}.txt").write_text(make(i) + "\n")
+        (root / "held_out" / task).mkdir(parents=True)
+        (root / "held_out" / task / "test.txt").write_text(make(10) + "\n")
+        rows = [json.dumps({"text": make(i), "id": i}) for i in range(4)]
+        (root / "data" / f"{task}.jsonl").write_text("\n".join(rows) + "\n")
+    spec = [{"name": task, "description": DESCRIPTIONS[task], "files": [f"data/{task}/*.txt"]} for task in TASK_TEXTS]
+    (root / "spec.json").write_text(json.dumps(spec))
+    dataset_spec = [
+        {"name": task, "dataset": "json", "data_files": f"data/{task}.jsonl", "text_column": "text"}
+        for task in TASK_TEXTS
+    ]
+    (root / "dataset_spec.json").write_text(json.dumps(dataset_spec))
+
+    paths = {name: root / name for name in ("base", "encoder", "bank", "generator", "loras", "spec.json")}
+    paths["root"] = root
+    args = ["collect", "--spec", str(paths["spec.json"]), "--base-model", str(paths["base"])]
+    args += ["--output", str(paths["bank"]), "--text-encoder", str(paths["encoder"])]
+    args += ["--save-adapters", str(paths["loras"]), *LORA_FLAGS]
+    assert main(args) == 0
+    assert main(["train", str(paths["bank"]), "--output", str(paths["generator"]), *TRAIN_FLAGS]) == 0
+    return paths
+
+
+def load_checked(base_dir, adapter_dir) -> PeftModel:
+    """Load an adapter into the base model and assert that every key matched."""
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="first")
+    result = model.load_adapter(str(adapter_dir), adapter_name="checked")
+    assert result.unexpected_keys == []
+    assert [key for key in result.missing_keys if "lora_" in key] == []
+    return model
+
+
+def test_collect_writes_a_bank_of_real_checkpoints(workspace):
+    bank = LoraBank.from_pretrained(workspace["bank"])
+    assert bank.task_names == list(TASK_TEXTS)
+    for task in TASK_TEXTS:
+        steps = [checkpoint.step for checkpoint in bank.checkpoints_of(task)]
+        assert steps == [18, 19, 20]  # every step of the last 15 % of 20 steps
+        assert bank.description(task) == DESCRIPTIONS[task]
+        assert bank.condition(task).shape == (16,)  # the tiny BERT's hidden size
+    assert bank.condition_encoder["kind"] == "text"
+    assert bank.condition_encoder["name_or_path"] == str(workspace["encoder"].resolve())
+    # Training moved the LoRAs: B starts at zero and differs per task afterwards.
+    finals = {task: bank.checkpoints_of(task)[-1].state_dict for task in TASK_TEXTS}
+    key = next(key for key in bank.layout.keys if "lora_B" in key)
+    assert finals["numbers"][key].abs().sum() > 0
+    assert not torch.equal(finals["numbers"][key], finals["letters"][key])
+    # The final LoRA of each task was also saved as a PEFT adapter, equal to the bank's last checkpoint.
+    saved = load_file(workspace["loras"] / "numbers" / "adapter_model.safetensors")
+    assert set(saved) == set(bank.layout.keys)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, finals["numbers"][name])
+
+
+def test_train_writes_a_generator_whose_loss_fell(workspace):
+    generator = PeftCVAEGenerator.from_pretrained(workspace["generator"])
+    assert generator.config.task_names == list(TASK_TEXTS)
+    assert generator.config.condition_encoder["kind"] == "text"
+    record = json.loads((workspace["generator"] / "training_history.json").read_text())
+    history = record["history"]
+    assert len(history) == 100
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_generate_by_task_name_matches_the_library(workspace, tmp_path):
+    out = tmp_path / "numbers-adapter"
+    assert (
+        main(["generate", str(workspace["generator"]), "--task", "numbers", "--seed", "3", "--output", str(out)]) == 0
+    )
+    model = load_checked(workspace["base"], out)
+    generator = PeftCVAEGenerator.from_pretrained(workspace["generator"]).eval()
+    expected = generator.generate_adapter("numbers", seed=3).state_dict
+    written = load_file(out / "adapter_model.safetensors")
+    assert set(written) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor)
+    assert model.active_adapter == "first"
+
+
+def test_generate_from_a_description_and_several_samples(workspace, tmp_path):
+    out = tmp_path / "described"
+    args = ["generate", str(workspace["generator"]), "--description", "numbers in a list", "--output", str(out)]
+    assert main([*args, "--num-samples", "2", "--temperature", "0.5"]) == 0
+    first = load_file(out / "sample-00" / "adapter_model.safetensors")
+    second = load_file(out / "sample-01" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[key], second[key]) for key in first)  # two different draws
+    load_checked(workspace["base"], out / "sample-01")
+
+
+def test_evaluate_prints_base_and_adapter_numbers(workspace, tmp_path, capsys):
+    generated = tmp_path / "generated"
+    assert (
+        main(
+            [
+                "generate",
+                str(workspace["generator"]),
+                "--task",
+                "numbers",
+                "--temperature",
+                "0",
+                "--output",
+                str(generated),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    results_file = tmp_path / "results.json"
+    args = [
+        "evaluate",
+        "--base-model",
+        str(workspace["base"]),
+        "--texts",
+        str(workspace["root"] / "held_out" / "numbers"),
+    ]
+    args += ["--adapter", f"original={workspace['loras'] / 'numbers'}", "--adapter", f"generated={generated}"]
+    args += ["--max-length", "32", "--json", str(results_file)]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[3:]}
+    assert set(table) == {"base", "original", "generated"}
+    results = json.loads(results_file.read_text())["results"]
+    for name, row in table.items():
+        assert float(row[1]) == pytest.approx(results[name]["perplexity"], rel=1e-3)
+        assert float(row[2]) == pytest.approx(results[name]["bits_per_character"], rel=1e-3)
+        assert results[name]["num_tokens"] > 10
+    # 20 steps of LoRA training on this domain lowered the perplexity of its held-out text.
+    assert results["original"]["perplexity"] < results["base"]["perplexity"]
+    assert results["original"]["perplexity"] != results["generated"]["perplexity"]
+
+
+def test_info_describes_bank_generator_and_adapter(workspace, capsys):
+    assert main(["info", str(workspace["bank"])]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA bank" in out and "checkpoints:     9" in out and "numbers: 3 checkpoints" in out
+    assert '"kind": "text"' in out and "r=2" in out
+    assert main(["info", str(workspace["generator"])]) == 0
+    out = capsys.readouterr().out
+    assert "generator" in out and "tasks:           3" in out and "100 epochs" in out and "condition size:  16" in out
+    assert main(["info", str(workspace["loras"] / "letters")]) == 0
+    assert "PEFT adapter" in capsys.readouterr().out
+
+
+def test_plot_writes_pngs(workspace, tmp_path):
+    assert main(["plot", str(workspace["bank"]), "--output", str(tmp_path / "bank"), "--method", "tsne"]) == 0
+    assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "gen"), "--samples", "3"]) == 0
+    for path in [tmp_path / "bank" / "checkpoints.png", tmp_path / "bank" / "task_vectors.png"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+    for path in [tmp_path / "gen" / "training_loss.png", tmp_path / "gen" / "generated.png"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_in_context_conditions_from_a_dataset_spec(workspace, tmp_path):
+    """--condition in-context (base-model hidden states, ICM-LoRA Eq. 1) with tasks read through `datasets`."""
+    bank_dir, generator_dir, out = tmp_path / "bank", tmp_path / "generator", tmp_path / "adapter"
+    args = ["collect", "--spec", str(workspace["root"] / "dataset_spec.json"), "--base-model", str(workspace["base"])]
+    args += [
+        "--output",
+        str(bank_dir),
+        "--condition",
+        "in-context",
+        "--num-examples",
+        "2",
+        *LORA_FLAGS,
+        "--steps",
+        "8",
+        "--last-fraction",
+        "0.5",
+    ]
+    assert main(args) == 0
+    bank = LoraBank.from_pretrained(bank_dir)
+    assert bank.condition_encoder["kind"] == "hidden_state"
+    assert bank.condition("numbers").shape == (16,)  # the base model's hidden size
+    assert main(["train", str(bank_dir), "--output", str(generator_dir), *TRAIN_FLAGS]) == 0
+    examples = tmp_path / "examples.txt"
+    examples.write_text(TASK_TEXTS["letters"](20) + "\n" + TASK_TEXTS["letters"](21) + "\n")
+    assert main(["generate", str(generator_dir), "--examples", str(examples), "--output", str(out)]) == 0
+    load_checked(workspace["base"], out)
+    # A description cannot be encoded for a generator trained on in-context vectors: one clear line, exit 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(generator_dir), "--description", "letters", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: peft-cvae")
+    assert len(out.splitlines()) > 5
+
+
+def user_mistake(argv, capsys) -> str:
+    """Run a command that must fail as a user mistake; return its one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # One line of its own (transformers may draw a progress bar for loading weights before it).
+    lines = [line for line in err.splitlines() if line.startswith("peft-cvae ")]
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    return lines[0]
+
+
+def test_user_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):
+    base = str(workspace["base"])
+    err = user_mistake(
+        ["collect", "--spec", str(tmp_path / "nope.json"), "--base-model", base, "--output", "x"], capsys
+    )
+    assert "does not exist" in err and "nope.json" in err
+    bad_spec = tmp_path / "bad.json"
+    bad_spec.write_text(json.dumps([{"name": "a", "description": "d"}]))
+    err = user_mistake(["collect", "--spec", str(bad_spec), "--base-model", base, "--output", "x"], capsys)
+    assert "exactly one of 'files'" in err
+    bad_spec.write_text("[{")
+    assert "not valid JSON" in user_mistake(
+        ["collect", "--spec", str(bad_spec), "--base-model", base, "--output", "x"], capsys
+    )
+    err = user_mistake(
+        ["generate", str(workspace["generator"]), "--task", "poetry", "--output", str(tmp_path / "a")], capsys
+    )
+    assert "Unknown task 'poetry'" in err and "numbers" in err
+    err = user_mistake(["train", str(tmp_path), "--output", str(tmp_path / "g")], capsys)
+    assert "bank.json" in err
+    assert "not a LoRA bank" in user_mistake(["info", str(tmp_path)], capsys)
+    # argparse's own mistakes also exit 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(workspace["generator"]), "--output", "x"])
+    assert exit_info.value.code == 2
