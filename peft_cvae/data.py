@@ -392,6 +392,7 @@ train_generator(generator, bank)
         (only the manifest and safetensors files; `revision` and `token` apply to it). A `pathlib.Path` is always
         local.
         """
+        root = None  # every checkpoint file must resolve (symlinks followed) to a path inside this folder
         if isinstance(directory, str) and not Path(directory).exists() and _is_repo_id(directory):
             directory = _download_from_hub(
                 directory,
@@ -401,7 +402,10 @@ train_generator(generator, bank)
                 revision=revision,
                 token=token,
             )
+            # in the Hugging Face cache, snapshots/<commit>/<file> is a symlink to blobs/<hash> of the same repo folder
+            root = directory.parent.parent
         directory = Path(directory)
+        root = (root or directory).resolve()
         manifest = read_json(directory / BANK_MANIFEST_NAME, what="bank manifest")
         for name, kind in (("format_version", int), ("layout", dict), ("tasks", list), ("checkpoints", list)):
             if not isinstance(manifest.get(name), kind):
@@ -420,11 +424,9 @@ train_generator(generator, bank)
                 raise CorruptFileError(
                     f"A checkpoint entry of {directory / BANK_MANIFEST_NAME} is malformed: {entry!r}"
                 )
-            # checked lexically, not with resolve(): a bank downloaded from the Hub lies in the Hugging Face cache,
-            # where every file is a symlink to a blob outside the snapshot folder
             relative = Path(entry["file"])
             path = directory / relative
-            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            if relative.is_absolute() or ".." in relative.parts or root not in path.resolve().parents:
                 raise CorruptFileError(f"The bank manifest points outside the bank folder: {entry['file']!r}.")
             if not path.is_file():
                 raise MissingFileError(

@@ -34,8 +34,11 @@ mean buffer, i.e. about one checkpoint.
 """
 
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_peft_cvae import PeftCVAEConfig
 from .errors import ConditionError, NonFiniteError, UnknownTaskError
+from .file_utils import atomic_directory
+from .model_card import create_hub_repo, generator_model_card, training_summary, upload_folder_to_hub
 
 __all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
 
@@ -212,6 +217,90 @@ class PeftCVAEGenerator(PreTrainedModel):
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
         return loaded
+
+    # ---- saving and sharing -------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, *, push_to_hub: bool = False, **kwargs
+    ):
+        """Write `config.json` and `model.safetensors` (as `PreTrainedModel.save_pretrained`) and our model card,
+        `README.md` (see `peft_cvae.model_card.generator_model_card`).
+
+        If the generator has a `training_history` attribute (what `train_generator` returns), its summary is written
+        into the saved config as `training_summary` (JSON), so the card's training figures survive `from_pretrained`.
+        `push_to_hub=True` (with optional `repo_id`, `commit_message`, `commit_description`, `private`, `token`,
+        `revision`, `create_pr`) then uploads with `push_to_hub`, so the Hub gets our card, not transformers' generic
+        one.
+        """
+        hub_kwargs = {
+            name: kwargs.pop(name)
+            for name in ("repo_id", "commit_message", "commit_description", "private", "revision", "create_pr")
+            if name in kwargs
+        }
+        history = getattr(self, "training_history", None)
+        previous = vars(self.config).get("training_summary")
+        if history:
+            self.config.training_summary = training_summary(history)
+        try:
+            super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        finally:  # saving has no side effect on the in-memory config
+            if history and previous is None:
+                del self.config.training_summary
+            elif history:
+                self.config.training_summary = previous
+        if is_main_process:
+            card = generator_model_card(self, model_id=os.fspath(save_directory))
+            with atomic_directory(save_directory) as staging:
+                card.save(staging / "README.md")
+        if push_to_hub and is_main_process:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Upload `config.json`, `model.safetensors` and our model card (`README.md`) to `repo_id`, in one commit.
+
+        Same arguments as transformers' `push_to_hub`, whose generic card this replaces: the card states
+        `library_name: peft-cvae`, the tags `peft`, `lora`, `lora-generator`, `peft-cvae` (plus `tags`), the base
+        model, target modules, rank, the tasks with their descriptions, the condition encoder, training figures and
+        a usage snippet.
+
+        Loading back: `PeftCVAEGenerator.from_pretrained(repo_id)`, or `AutoModel.from_pretrained(repo_id)` once
+        `peft_cvae` is imported (it registers the classes). `trust_remote_code=True` loading without the package is
+        NOT supported: the generator's code spans several modules of this package (configuration, layout, errors,
+        adapter writing), and copying them into every repo would ship a frozen copy of the library as executable
+        code next to weights that are otherwise only safetensors and JSON. Install `peft-cvae` instead.
+
+        Errors: a missing repo on `from_pretrained` is transformers' `OSError` ("... is not a local folder and is not
+        a valid model identifier ..."); upload failures are huggingface_hub's `HfHubHTTPError` subclasses.
+
+        Returns:
+            the `huggingface_hub.CommitInfo` of the upload.
+        """
+        repo_id = create_hub_repo(repo_id, private=private, token=token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            tags = [*(self.model_tags or []), *(tags or [])]
+            generator_model_card(self, model_id=repo_id, tags=tags).save(Path(folder) / "README.md")
+            return upload_folder_to_hub(
+                folder,
+                repo_id,
+                commit_message=commit_message or "Upload peft-cvae generator",
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # ---- flat vector <-> normalised patches ---------------------------------------------------------------------
     def _indices(self, device) -> tuple[torch.Tensor, torch.Tensor]:
