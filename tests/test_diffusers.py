@@ -332,3 +332,26 @@ def test_from_diffusers_rejects_other_models():
         LoraLayout.from_diffusers(torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedAdapterError, match="no LoRA adapter named"):
         LoraLayout.from_diffusers(tiny_unet())
+
+
+def test_pushed_adapter_loads_with_load_lora_weights_from_the_hub(hub_env, saved_adapter, tmp_path):
+    """A generated UNet LoRA pushed to the (local) Hub loads with `pipe.load_lora_weights("user/repo")` exactly like
+    the local folder, and with plain PEFT too."""
+    adapter, folder = saved_adapter
+    adapter.push_to_hub("user/generated-unet-flip")
+    assert {"adapter_config.json", "adapter_model.safetensors", DIFFUSERS_WEIGHTS_NAME} <= set(
+        hub_env.list_files("user/generated-unet-flip")
+    )
+    latents, timestep, text = unet_inputs()
+    outputs = []
+    for source in ("user/generated-unet-flip", folder):
+        pipe = tiny_pipeline(tmp_path)
+        pipe.load_lora_weights(source, adapter_name="generated")
+        assert pipe.unet.peft_config["generated"].lora_alpha == ALPHA
+        with torch.no_grad():
+            outputs.append(pipe.unet(latents, timestep, text).sample)
+    peft_unet = PeftModel.from_pretrained(tiny_unet(), "user/generated-unet-flip")
+    with torch.no_grad():
+        outputs.append(peft_unet(latents, timestep, text).sample)
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-5, atol=1e-6)
