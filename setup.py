@@ -38,6 +38,7 @@ setup(
         "peft>=0.17",
         "accelerate>=1.0",
         "huggingface_hub>=1.0",
+        "jinja2>=3.0",  # huggingface_hub's ModelCard.from_template renders the model-card templates with it
         "safetensors>=0.4",
         "tqdm>=4.60",
     ],

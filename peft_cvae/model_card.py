@@ -179,7 +179,7 @@ def adapter_model_card(adapter, model_id: str | None = None) -> ModelCard:
         library_name="peft",
         base_model=base_model,
         tags=tags,
-        pipeline_tag=PIPELINE_TAGS.get(fields["task_type"]),
+        pipeline_tag=None if fields["library"] == "diffusers" else PIPELINE_TAGS.get(fields["task_type"]),
         model_name=(model_id or "generated-lora").rstrip("/").split("/")[-1],
     )
     generator = adapter.generator_name_or_path
@@ -190,7 +190,7 @@ def adapter_model_card(adapter, model_id: str | None = None) -> ModelCard:
     metadata = {
         "generator": generator or "not saved",
         "task": adapter.task if adapter.task is not None else "condition vector",
-        "seed": adapter.seed,
+        "seed": adapter.seed if adapter.seed is not None else "not set",
         "temperature": adapter.temperature,
         **adapter.metadata,
     }

@@ -13,8 +13,8 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModel
 
-from peft_cvae import PeftCVAEGenerator
-from peft_cvae.model_card import GENERATOR_TAGS
+from peft_cvae import LoraLayout, PeftCVAEGenerator
+from peft_cvae.model_card import GENERATOR_TAGS, adapter_model_card
 from tests.testing_utils import TASKS, tiny_llama
 
 TOKENS = torch.arange(12)[None]
@@ -67,6 +67,8 @@ def test_pushed_generator_loads_identically_with_from_pretrained_and_automodel(h
     assert_same_generator(generator, loaded, bank)
     assert_same_generator(generator, auto, bank)
     assert loaded.config.condition_encoder == MINILM
+    # No `auto_map`: transformers never imports code from a generator repo (trust_remote_code is not supported).
+    assert "auto_map" not in json.loads(hub_env.read_file("user/generator-round-trip", "config.json"))
     assert loaded.generate_adapter("ascending", seed=0).generator_name_or_path == "user/generator-round-trip"
     # Sanity check that the comparison can fail: another seed gives another adapter.
     other = loaded.generate_adapter("ascending", seed=1).state_dict
@@ -120,6 +122,32 @@ def test_save_pretrained_writes_the_card_and_push_to_hub_true_uploads_it(hub_env
     assert hf_hub_download("user/generator-saved", "model.safetensors")
     assert PeftCVAEGenerator.from_pretrained(folder).config.to_dict() == (
         PeftCVAEGenerator.from_pretrained("user/generator-saved").config.to_dict() | {"_name_or_path": str(folder)}
+    )
+
+
+def test_push_to_a_branch_leaves_main_alone(hub_env, trained_generator, bank):
+    HfApi().create_repo("user/generator-branch")
+    generator = generator_for_hub(trained_generator)
+
+    generator.push_to_hub("user/generator-branch", revision="v1", commit_message="First version")
+
+    assert hub_env.list_files("user/generator-branch") == [".gitattributes"]
+    assert "README.md" in hub_env.list_files("user/generator-branch", revision="v1")
+    assert_same_generator(generator, PeftCVAEGenerator.from_pretrained("user/generator-branch", revision="v1"), bank)
+    assert HfApi().list_repo_commits("user/generator-branch", revision="v1")[0].title == "First version"
+
+
+def test_adapter_card_of_a_diffusers_unet_lora_shows_load_lora_weights(trained_generator):
+    adapter = trained_generator.generate_adapter("repeating", seed=None, temperature=0.0)
+    adapter.layout = LoraLayout.from_dict({**adapter.layout.to_dict(), "library": "diffusers"})
+
+    card = adapter_model_card(adapter, model_id="user/unet-lora")
+
+    assert card.data.library_name == "peft" and card.data.pipeline_tag is None
+    assert {"lora", "peft-cvae", "diffusers"} <= set(card.data.tags) and "transformers" not in card.data.tags
+    assert 'pipe.load_lora_weights("user/unet-lora")' in card.text
+    assert "An unsaved peft-cvae generator generated it for the task `repeating` (no seed, temperature 0.0)." in (
+        card.text
     )
 
 
