@@ -1,5 +1,7 @@
 """`PeftCVAEConfig`: everything needed to rebuild a `PeftCVAEGenerator`, stored in its `config.json`."""
 
+import json
+
 from transformers import PretrainedConfig
 
 from .errors import InvalidConfigError
@@ -62,6 +64,19 @@ class PeftCVAEConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.condition_encoder, dict):
+            try:
+                json.dumps(self.condition_encoder)
+            except (TypeError, ValueError) as error:
+                raise InvalidConfigError(
+                    f"PeftCVAEConfig.condition_encoder must hold JSON values only ({error}); record an encoder with "
+                    "encoder.to_dict()."
+                ) from error
+            if not isinstance(self.condition_encoder.get("kind"), str):
+                raise InvalidConfigError(
+                    "PeftCVAEConfig.condition_encoder must say which task encoder made the conditions, e.g. "
+                    f"{{'kind': 'text', 'name_or_path': ...}} (encoder.to_dict()); got {self.condition_encoder}."
+                )
         self.task_names = list(self.task_names or [])
         self.task_descriptions = list(self.task_descriptions or [""] * len(self.task_names))
         for name in ("condition_size", "latent_size", "patch_size", "hidden_channels", "num_layers", "kernel_size"):

@@ -11,7 +11,9 @@ from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LM
 from peft_cvae import (
     ConditionError,
     HiddenStateTaskEncoder,
+    InvalidConfigError,
     LoraBank,
+    PeftCVAEConfig,
     PeftCVAEGenerator,
     TaskEncoder,
     TextTaskEncoder,
@@ -282,3 +284,15 @@ def trained_generator_bank_with_encoder(generator, spec):
         bank.add_checkpoint(task, layout.unflatten(generator.param_offset + index))
         bank.set_condition(task, generator.task_conditions[index])
     return bank
+
+
+def test_the_config_checks_the_recorded_encoder(trained_generator):
+    fields = trained_generator.config.to_dict()
+    for bad, message in (
+        ({"name_or_path": "x"}, "must say which task encoder"),
+        ({"kind": "text", "model": torch.zeros(1)}, "JSON values only"),
+    ):
+        with pytest.raises(InvalidConfigError, match=message):
+            PeftCVAEConfig.from_dict({**fields, "condition_encoder": bad})
+    spec = {"kind": "text", "name_or_path": DEFAULT_TEXT_ENCODER}
+    assert PeftCVAEConfig.from_dict({**fields, "condition_encoder": spec}).condition_encoder == spec
