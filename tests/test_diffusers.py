@@ -20,7 +20,14 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # n
 from safetensors import safe_open  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from peft_cvae import LoraBank, LoraLayout, PeftCVAEGenerator, UnsupportedAdapterError, train_generator  # noqa: E402
+from peft_cvae import (  # noqa: E402
+    CorruptFileError,
+    LoraBank,
+    LoraLayout,
+    PeftCVAEGenerator,
+    UnsupportedAdapterError,
+    train_generator,
+)
 from peft_cvae.diffusers_utils import (  # noqa: E402
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_PREFIX,
@@ -205,11 +212,25 @@ def test_bank_reads_diffusers_lora_folders(unet_runs, tmp_path):
     assert sorted(loaded) == sorted(expected)
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
+    # A model-level file (`unet.save_lora_adapter`: keys and metadata without the "unet." prefix) reads the same.
+    unet = unet_runs["flip"][0]
+    unet.save_lora_adapter(tmp_path / "model-level")
+    config, state = load_diffusers_lora(tmp_path / "model-level")
+    assert config["lora_alpha"] == ALPHA and config["r"] == RANK
+    current = get_diffusers_lora_state_dict(unet)
+    assert sorted(state) == sorted(current) and all(torch.equal(state[key], current[key]) for key in current)
+
     # Without lora_adapter_metadata the alpha is unknown: refuse rather than guess lora_alpha = r as diffusers does.
     bare = tmp_path / "no-metadata"
     StableDiffusionPipeline.save_lora_weights(bare, unet_lora_layers=strip(expected))
     with pytest.raises(UnsupportedAdapterError, match="lora_adapter_metadata"):
         load_diffusers_lora(bare)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    data = (folders["flip"][0] / DIFFUSERS_WEIGHTS_NAME).read_bytes()
+    (truncated / DIFFUSERS_WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match="not a readable diffusers LoRA file"):
+        LoraBank.from_adapters({"flip": [truncated]})
 
 
 def test_bank_from_peft_folders_of_a_unet(unet_runs, tmp_path):
