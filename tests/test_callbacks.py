@@ -171,3 +171,15 @@ def test_clear_errors(tmp_path, fresh_accelerate_state):
         LoraCheckpointCallback(None, "ascending", last_fraction=0)
     with pytest.raises(InvalidConfigError, match="task"):
         LoraCheckpointCallback(None, "")
+
+
+def test_bfloat16_lora_is_stored_as_float32(tmp_path, fresh_accelerate_state):
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), tiny_lora_config(), autocast_adapter_dtype=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    callback = LoraCheckpointCallback(None, "ascending", save_steps=2)
+    run_trainer(model, "ascending", [callback], tmp_path, max_steps=6, bf16=True)
+    assert callback.saved_steps == [6] and callback.bank.layout.dtype == "float32"
+    for key, value in get_peft_model_state_dict(model).items():
+        stored = callback.bank.checkpoints[-1].state_dict[key]
+        assert value.dtype == torch.bfloat16 and stored.dtype == torch.float32
+        assert torch.equal(stored, value.float()), key
