@@ -1,0 +1,131 @@
+"""Design levers of the generator, tried on the cached bank of a benchmark preset (issue 4, "iterate on the design").
+
+    python benchmarks/generator_sweep.py --preset quick     # after `python benchmarks/lora_generation.py --quick`
+
+Each variant is a set of `PeftCVAEGenerator.from_bank` overrides and `train_generator` settings (no package change).
+It is trained on the preset's bank with description conditions, and for every domain the LoRA it decodes at z = 0 is
+scored on the test split like the benchmark's "generated (description, mean)" and compared with the original LoRA
+and with the mean of the domain's own checkpoints; its distance to the nearest training checkpoint is reported next
+to the spread of the domain's checkpoints. Generators and scores go into the benchmark's cache, so a rerun is cheap.
+Writes `benchmarks/results/generator_sweep_<preset>.json` and a markdown table `..._<preset>.md` that
+`lora_generation.py --sweep` includes in the report.
+"""
+
+import argparse
+import importlib.util
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from peft_cvae.file_utils import write_json
+
+ROOT = Path(__file__).resolve().parent
+
+VARIANTS = {  # name -> settings changed relative to the preset
+    "preset": {},
+    "wider and deeper (64 ch, 6 layers)": {"generator_overrides": {"hidden_channels": 64, "num_layers": 6}},
+    "4x epochs": {"generator_epochs_factor": 4},
+    "small patches (64)": {"generator_overrides": {"patch_size": 64}},
+    "latent 4": {"generator_overrides": {"latent_size": 4}},
+    "lr 3e-3": {"generator_lr": 3e-3},
+}
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("lora_generation", ROOT / "lora_generation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variant_settings(settings, change: dict):
+    """The preset's settings with one variant's changes (overrides are merged into the preset's)."""
+    change = dict(change)
+    factor = change.pop("generator_epochs_factor", 1)
+    overrides = {**settings.generator_overrides, **change.pop("generator_overrides", {})}
+    return replace(
+        settings, generator_overrides=overrides, generator_epochs=settings.generator_epochs * factor, **change
+    )
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="quick", help="benchmark preset whose cached bank is used")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "results")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names of VARIANTS to run")
+    args = parser.parse_args(argv)
+    bench = _benchmark()
+    import torch
+
+    settings = bench.PRESETS[args.preset]
+    device = torch.device(args.device)
+    base, tokenizer = bench.load_base(settings, device)
+    bank = bench.build_checkpoint_bank(base, tokenizer, settings, args.cache_dir)
+    conditions, _, spec = bench.task_vectors("description", base, tokenizer, settings, args.cache_dir)
+    described = bench.conditioned(bank, settings.domains, conditions, spec)
+    vectors, tasks = described.vectors(), [checkpoint.task for checkpoint in described]
+    scorer = bench.Scorer(base, tokenizer, bank.layout, settings, args.cache_dir)
+    rows = []
+    for name in args.variants:
+        variant = variant_settings(settings, VARIANTS[name])
+        start = time.perf_counter()
+        generator, stats = bench.trained_generator(described, variant, args.cache_dir, "all-description")
+        row = {
+            "variant": name,
+            "parameters": generator.num_parameters(),
+            "train_seconds": stats["train_seconds"],
+            "wall_seconds": time.perf_counter() - start,
+            "final_reconstruction_loss": stats["final_reconstruction_loss"],
+            "domains": {},
+        }
+        for domain in settings.domains:
+            state = generator.generate_adapter(conditions[domain], temperature=0).state_dict
+            distances, _ = bench.memorisation(bank.layout.flatten(state), vectors, tasks, domain)
+            original = scorer.score(bank.checkpoints_of(domain)[-1].state_dict, domain)["perplexity"]
+            own_rows = bench._rows(tasks, domain)
+            own_mean = scorer.score(bank.layout.unflatten(vectors[own_rows].mean(0)), domain)["perplexity"]
+            row["domains"][domain] = {
+                "ratio_to_original": scorer.score(state, domain)["perplexity"] / original,
+                "own_mean_ratio_to_original": own_mean / original,
+                **distances,
+            }
+        rows.append(row)
+        print(name, {d: round(v["ratio_to_original"], 4) for d, v in row["domains"].items()}, flush=True)
+    write_json({"preset": args.preset, "variants": rows}, args.output_dir / f"generator_sweep_{args.preset}.json")
+    table = markdown(rows, args.preset)
+    (args.output_dir / f"generator_sweep_{args.preset}.md").write_text(table, encoding="utf-8")
+    print(table)
+    return rows
+
+
+def markdown(rows: list[dict], preset: str) -> str:
+    lines = [
+        f"Generator variants on the `{preset}` bank, description conditions, z = 0 "
+        f"(`python benchmarks/generator_sweep.py --preset {preset}`). PPL ratio to the original LoRA, worst domain "
+        "(the own-checkpoint mean, the best a generator that reproduces the bank's task means can do, in brackets); "
+        "distance to the nearest checkpoint vs the mean spread of the domain's checkpoints (smallest margin).",
+        "",
+        "| variant | parameters | train s | final recon. MSE | worst PPL ratio (own mean) | nearest / spread |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        domains = row["domains"]
+        worst = max(domains, key=lambda d: domains[d]["ratio_to_original"])
+        tight = min(
+            domains,
+            key=lambda d: domains[d]["generated_to_nearest_checkpoint"] / domains[d]["own_checkpoint_spread_mean"],
+        )
+        d = domains[tight]
+        lines.append(
+            f"| {row['variant']} | {row['parameters']:,} | {row['train_seconds']:.0f} | "
+            f"{row['final_reconstruction_loss']:.4f} | {worst} {domains[worst]['ratio_to_original']:.4f} "
+            f"({domains[worst]['own_mean_ratio_to_original']:.4f}) | {tight} "
+            f"{d['generated_to_nearest_checkpoint']:.3f} / {d['own_checkpoint_spread_mean']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
