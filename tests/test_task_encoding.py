@@ -296,3 +296,14 @@ def test_the_config_checks_the_recorded_encoder(trained_generator):
             PeftCVAEConfig.from_dict({**fields, "condition_encoder": bad})
     spec = {"kind": "text", "name_or_path": DEFAULT_TEXT_ENCODER}
     assert PeftCVAEConfig.from_dict({**fields, "condition_encoder": spec}).condition_encoder == spec
+
+
+def test_encode_conditions_refuses_to_mix_encoders(bank, bert_folder, tmp_path):
+    mixed = LoraBank(bank.layout)
+    mixed.encode_conditions(TextTaskEncoder(bert_folder), {"ascending": DESCRIPTIONS["ascending"]})
+    other = TextTaskEncoder(save_tiny_text_encoder(tmp_path / "other", "clip_text"))
+    with pytest.raises(ConditionError, match="Encode every task with the same task encoder"):
+        mixed.encode_conditions(other, {"descending": DESCRIPTIONS["descending"]})
+    mixed.encode_conditions(other, DESCRIPTIONS)  # re-encoding every task with another encoder is fine
+    assert mixed.condition_encoder == other.to_dict()
+    assert torch.equal(mixed.condition("repeating"), other.encode(DESCRIPTIONS["repeating"]))
