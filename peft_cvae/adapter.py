@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .errors import LayoutMismatchError, NonFiniteError
 from .file_utils import atomic_directory, write_safetensors
@@ -17,6 +17,15 @@ from .model_card import adapter_model_card, create_hub_repo, upload_folder_to_hu
 __all__ = ["GeneratedAdapter"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _remove_adapter(model: PeftModel, adapter_name: str, *, base_was_peft: bool) -> None:
+    """Undo `to_peft_model` after a failed load: drop the new adapter from a `PeftModel` the caller passed, or take
+    the LoRA layers out of a plain base model again, so a refused adapter leaves the caller's model unchanged."""
+    if base_was_peft:
+        model.delete_adapter(adapter_name)
+    else:
+        model.unload()
 
 
 @dataclass
@@ -88,10 +97,24 @@ class GeneratedAdapter:
             model = base_model
         else:
             model = get_peft_model(base_model, self.peft_config, adapter_name=adapter_name)
+        expected = get_peft_model_state_dict(model, adapter_name=adapter_name)  # saved-key form, like ours
+        wrong = [
+            key for key, tensor in self.state_dict.items() if key in expected and expected[key].shape != tensor.shape
+        ]
+        if wrong:
+            _remove_adapter(model, adapter_name, base_was_peft=model is base_model)
+            raise LayoutMismatchError(
+                f"The generated adapter does not fit this base model: {wrong[0]!r} has shape "
+                f"{tuple(self.state_dict[wrong[0]].shape)} but the model's LoRA layer has shape "
+                f"{tuple(expected[wrong[0]].shape)} ({len(wrong)} such tensors). Use the base model the generator's "
+                f"adapters were trained on ({self.layout.lora_config.get('base_model_name_or_path')!r}); the model "
+                "was left as it was."
+            )
         result = set_peft_model_state_dict(model, self.state_dict, adapter_name=adapter_name)
         missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
         if result.unexpected_keys or missing:
             first = (result.unexpected_keys or missing)[0]
+            _remove_adapter(model, adapter_name, base_was_peft=model is base_model)
             raise LayoutMismatchError(
                 f"The generated adapter does not fit this base model (first mismatch: {first!r}; "
                 f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected). Use the base model the "

@@ -64,6 +64,19 @@ class PeftCVAEConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        for name in ("task_names", "task_descriptions"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value)
+            ):
+                raise InvalidConfigError(
+                    f"PeftCVAEConfig.{name} must be a list of strings, got {str(value)[:200]}. The config.json was "
+                    "edited or is corrupted: save the generator again."
+                )
+        if self.condition_encoder is not None and not isinstance(self.condition_encoder, dict):
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.condition_encoder must be a dict or None, got {self.condition_encoder!r}."
+            )
         if isinstance(self.condition_encoder, dict):
             try:
                 json.dumps(self.condition_encoder)
@@ -79,6 +92,8 @@ class PeftCVAEConfig(PretrainedConfig):
                 )
         self.task_names = list(self.task_names or [])
         self.task_descriptions = list(self.task_descriptions or [""] * len(self.task_names))
+        if len(set(self.task_names)) != len(self.task_names):
+            raise InvalidConfigError(f"PeftCVAEConfig.task_names has repeated names: {self.task_names}.")
         for name in ("condition_size", "latent_size", "patch_size", "hidden_channels", "num_layers", "kernel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -91,7 +106,9 @@ class PeftCVAEConfig(PretrainedConfig):
             raise InvalidConfigError(f"PeftCVAEConfig.kl_weight must be a number >= 0, got {self.kl_weight!r}.")
         if len(self.task_descriptions) != len(self.task_names):
             raise InvalidConfigError(
-                f"PeftCVAEConfig has {len(self.task_names)} task names but {len(self.task_descriptions)} descriptions."
+                f"PeftCVAEConfig has {len(self.task_names)} task names but {len(self.task_descriptions)} "
+                "descriptions; expected one description per task. If this came from a config.json, save the "
+                "generator again."
             )
         if self.layout is not None:
             if not isinstance(self.layout, dict):

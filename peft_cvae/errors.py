@@ -13,6 +13,7 @@ __all__ = [
     "LayoutMismatchError",
     "MissingFileError",
     "NonFiniteError",
+    "NotWritableError",
     "PeftCVAEError",
     "UnknownTaskError",
     "UnsupportedAdapterError",
@@ -57,3 +58,7 @@ class CorruptFileError(PeftCVAEError, OSError):
 
 class MissingFileError(PeftCVAEError, FileNotFoundError):
     """A file that a folder needs is not there."""
+
+
+class NotWritableError(PeftCVAEError, OSError):
+    """An output folder cannot be created or written (no permission, read-only disk, a file in the way)."""

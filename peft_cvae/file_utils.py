@@ -1,13 +1,15 @@
 """Safe reading and atomic writing of the files peft-cvae produces.
 
-Writes go to a temporary folder next to the destination and are moved into place only once every file is complete, so
-an exception (or a crash) in the middle of a save leaves the previous version of each file untouched.
+Writes go to a temporary path next to the destination (`.<name>.tmp-*`) and are renamed into place only once every
+file is complete, so an exception (or a crash) in the middle of a save leaves the previous version untouched; a failure
+while moving a folder's files into place puts back the files already moved.
 Reads accept only safetensors and JSON: nothing is ever unpickled.
 """
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptFileError, MissingFileError
+from .errors import CorruptFileError, MissingFileError, NotWritableError
 
 __all__ = ["atomic_directory", "read_json", "read_safetensors", "write_json", "write_safetensors"]
 
@@ -26,34 +28,114 @@ def atomic_directory(destination: str | os.PathLike):
     """Yield a temporary folder to write into; on success its files replace those of `destination`.
 
     Files already in `destination` that the writer does not produce are left alone, so saving into a folder that
-    holds other files (a README, another adapter) does not delete them.
+    holds other files (a README, another adapter) does not delete them. If the writer raises, or moving a file into
+    place fails, every file already moved is put back as it was (the previous version is hard-linked aside first) and
+    folders this call created are removed: the destination is left exactly as it was found.
     """
     destination = Path(destination)
+    _check_writable_destination(destination)
+    created = _first_missing_ancestor(destination)  # the folder this call will create, if any
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     except OSError as error:
-        raise OSError(
-            f"Cannot write to {destination}: {error.strerror or error}. Choose a folder you have write access to."
-        ) from error
+        raise _not_writable(destination, error) from error
     try:
         yield staging
-        destination.mkdir(exist_ok=True)
-        for source in sorted(staging.rglob("*")):
-            if source.is_dir():
-                continue
-            target = destination / source.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+        _move_into_place(staging, destination)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The highest folder on the way to `path` (itself included) that does not exist yet, or None."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _check_writable_destination(destination: Path) -> None:
+    """Refuse, before anything is written, a destination that is a file or lies below one."""
+    for candidate in [destination, *destination.parents]:
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is" if candidate == destination else f"lies inside {candidate}, which is"
+                raise NotWritableError(
+                    f"Cannot save into {destination}: it {where} a file, but a folder was expected. Choose an output "
+                    "folder that does not exist yet or is a folder you can write to."
+                )
+            return
+
+
+def _not_writable(destination: Path, error: OSError) -> NotWritableError:
+    return NotWritableError(
+        f"Cannot write to {destination}: {error.strerror or error}. Expected a folder that can be created and "
+        "written; choose a folder you have write access to, or fix its permissions."
+    )
+
+
+def _move_into_place(staging: Path, destination: Path) -> None:
+    """Move every file of `staging` into `destination`, rolling back all moves if one fails."""
+    files = sorted(path for path in staging.rglob("*") if not path.is_dir())
+    backup = staging / ".previous"  # hard links to the files being replaced, same file system as the destination
+    moved: list[tuple[Path, Path | None]] = []  # (target, its previous version or None if it is new)
+    try:
+        destination.mkdir(exist_ok=True)
+        for source in files:
+            relative = source.relative_to(staging)
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            previous = None
+            if target.is_file():
+                previous = backup / relative
+                previous.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(target, previous)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, previous)
+            os.replace(source, target)
+            moved.append((target, previous))
+    except BaseException:
+        for target, previous in reversed(moved):
+            with contextlib.suppress(OSError):
+                if previous is None:
+                    target.unlink()
+                else:
+                    os.replace(previous, target)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; once the writer returns, it replaces `path` in one rename."""
+    path = Path(path)
+    if path.is_dir():
+        raise NotWritableError(f"Cannot write the file {path}: a folder of that name exists. Choose another path.")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        open(temporary, "xb").close()  # default permissions, unlike tempfile.mkstemp's 0600
+    except OSError as error:
+        raise _not_writable(path.parent, error) from error
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_json(data, path: str | os.PathLike) -> None:
-    """Write `data` as indented JSON (sorted keys, trailing newline)."""
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=2, sort_keys=True)
-        file.write("\n")
+    """Write `data` as indented JSON (sorted keys, trailing newline), atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"  # fails on non-JSON data before anything is written
+    with _atomic_file(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
 
 
 def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
@@ -75,9 +157,11 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Save tensors as safetensors (contiguous copies, `format: pt` metadata as transformers and peft write it)."""
+    """Save tensors as safetensors (contiguous copies, `format: pt` metadata as transformers and peft write it),
+    atomically."""
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    with _atomic_file(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt", **(metadata or {})})
 
 
 def read_safetensors(path: str | os.PathLike, *, what: str = "weights file") -> dict[str, torch.Tensor]:

@@ -75,6 +75,63 @@ def _check_supported(config: dict) -> None:
         )
 
 
+def _lora_field_problem(config: dict) -> str | None:
+    """What is wrong with the fields of a LoRA config read from a file (None if nothing): peft itself accepts e.g. a
+    string rank, and the error would only surface much later."""
+    rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return f"r={rank!r} (expected a positive integer)"
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return f"lora_alpha={alpha!r} (expected a number)"
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(name, str) for name in targets):
+            return f"target_modules={targets!r} (expected a module name, a regex or a list of names)"
+    return None
+
+
+def _check_layout_dict(data: dict) -> None:
+    """Raise `CorruptFileError` if a saved layout (from config.json or bank.json) has fields of the wrong type or
+    shapes that contradict its LoRA rank; a file edited or corrupted this way must not load as a generator that writes
+    unusable adapters."""
+    keys, shapes, config = data["keys"], data["shapes"], data["lora_config"]
+    problem = None
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        problem = "'keys' that are not a list of strings"
+    elif not isinstance(shapes, list) or len(shapes) != len(keys):
+        problem = f"{len(keys)} keys but {len(shapes) if isinstance(shapes, list) else 'no list of'} shapes"
+    elif len(set(keys)) != len(keys):
+        problem = "repeated keys"
+    elif not isinstance(shapes, list) or not all(
+        isinstance(shape, list)
+        and shape
+        and all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape)
+        for shape in shapes
+    ):
+        problem = f"'shapes' that are not lists of positive integers: {str(shapes)[:200]}"
+    elif not isinstance(data["dtype"], str):
+        problem = f"dtype={data['dtype']!r}, not a string"
+    elif not isinstance(config, dict):
+        problem = f"a lora_config of type {type(config).__name__}, not an object"
+    elif config.get("peft_type") == "LORA" and not config.get("use_dora"):
+        problem = _lora_field_problem(config)
+        if problem is None and not config.get("rank_pattern") and len(keys) == len(shapes):
+            for key, shape in zip(keys, shapes):
+                rank_axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+                if rank_axis is not None and (len(shape) <= rank_axis or shape[rank_axis] != config["r"]):
+                    problem = f"tensor {key!r} of shape {tuple(shape)}, which does not match its rank r={config['r']}"
+                    break
+        if problem is None:
+            try:
+                LoraConfig(**{key: value for key, value in config.items() if key not in ("peft_type", "peft_version")})
+            except (TypeError, ValueError) as error:
+                problem = f"a lora_config that peft.LoraConfig refuses ({error})"
+    if problem is not None:
+        raise CorruptFileError(
+            f"The saved LoRA layout has {problem}. The file was edited or is corrupted: save the generator or bank "
+            "again, or download it again."
+        )
+
+
 def adapter_library(path: str | os.PathLike) -> str:
     """`"diffusers"` for a local folder holding diffusers' `pytorch_lora_weights.safetensors` (a UNet LoRA), else
     `"peft"`. Used to give a bank built from adapter folders the right `LoraLayout.library`."""
@@ -94,6 +151,12 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
         from .diffusers_utils import load_diffusers_lora
 
         return load_diffusers_lora(path)
+    looks_local = isinstance(path, os.PathLike) or os.path.isabs(path_str) or path_str.startswith(".")
+    if not is_local and (looks_local or path_str.count("/") > 1):
+        raise MissingFileError(
+            f"The adapter folder {path_str} does not exist (and it is not a Hub repo id of the form 'owner/name'). "
+            "Check the path."
+        )
     if is_local and not (Path(path_str) / "adapter_config.json").is_file():
         raise MissingFileError(
             f"{path_str} has no adapter_config.json, so it is not a PEFT adapter folder. Point to the folder "
@@ -101,12 +164,27 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
         )
     try:
         config = PeftConfig.from_pretrained(path_str, **hub_kwargs)
-    except (json.JSONDecodeError, TypeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        if not is_local:
+            raise
         raise CorruptFileError(
-            f"The adapter_config.json of {path_str} cannot be read as a PEFT config: {error}"
+            f"The adapter_config.json of {path_str} cannot be read as a PEFT config: {error}. Expected the JSON that "
+            "`PeftModel.save_pretrained` writes; save the adapter again."
         ) from error
     config_dict = lora_config_to_dict(config)
     _check_supported(config_dict)
+    problem = _lora_field_problem(config_dict)
+    if problem is not None:
+        raise CorruptFileError(
+            f"The adapter_config.json of {path_str} has {problem}. Save the adapter again with "
+            "`PeftModel.save_pretrained`."
+        )
+    weight_files = ("adapter_model.safetensors", "adapter_model.bin")
+    if is_local and not any((Path(path_str) / name).is_file() for name in weight_files):
+        raise MissingFileError(
+            f"{path_str} has an adapter_config.json but no adapter weights (expected adapter_model.safetensors). "
+            "Save the adapter again with `PeftModel.save_pretrained`."
+        )
     try:
         state_dict = load_peft_weights(path_str, device="cpu", **hub_kwargs)
     except FileNotFoundError as error:
@@ -222,6 +300,7 @@ class LoraLayout:
         missing = [name for name in ("keys", "shapes", "dtype", "lora_config") if name not in data]
         if missing:
             raise CorruptFileError(f"The saved layout lacks the fields {missing}; save the generator or bank again.")
+        _check_layout_dict(data)
         return cls(
             keys=data["keys"],
             shapes=data["shapes"],

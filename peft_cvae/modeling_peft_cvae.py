@@ -42,14 +42,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_peft_cvae import PeftCVAEConfig
-from .errors import ConditionError, NonFiniteError, UnknownTaskError
-from .file_utils import atomic_directory
+from .errors import (
+    ConditionError,
+    CorruptFileError,
+    InvalidConfigError,
+    LayoutMismatchError,
+    MissingFileError,
+    NonFiniteError,
+    PeftCVAEError,
+    UnknownTaskError,
+)
+from .file_utils import atomic_directory, read_json
 from .model_card import create_hub_repo, generator_model_card, training_summary, upload_folder_to_hub
 
 __all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
@@ -149,6 +159,29 @@ class PeftCVAEDecoder(nn.Module):
         return self.to_patches(F.silu(self.norm(hidden)).transpose(1, 2))  # (B, L, P)
 
 
+def _check_local_generator_folder(path, subfolder: str = "") -> None:
+    """For a local generator folder, turn a missing or unreadable config.json or missing weights into a clear error
+    before transformers sees them (it would raise a bare OSError or TypeError). Hub repo ids pass through."""
+    folder = Path(path) / subfolder
+    if not folder.is_dir():
+        return
+    data = read_json(folder / "config.json", what="generator config")
+    try:
+        PeftCVAEConfig.from_dict(data)
+    except PeftCVAEError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise InvalidConfigError(
+            f"The generator config {folder / 'config.json'} has a missing or wrongly typed field ({error}). Expected "
+            "the config.json that PeftCVAEGenerator.save_pretrained writes: save or download the generator again."
+        ) from error
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise MissingFileError(
+            f"The generator folder {folder} has a config.json but no weights (expected model.safetensors). The "
+            "folder is incomplete: save or download the generator again."
+        )
+
+
 class PeftCVAEGenerator(PreTrainedModel):
     """A conditional VAE that generates PEFT LoRA adapters from task vectors.
 
@@ -206,17 +239,45 @@ class PeftCVAEGenerator(PreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Load a saved generator (folder or Hub repo id), as `PreTrainedModel.from_pretrained`."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved generator (folder or Hub repo id), as `PreTrainedModel.from_pretrained`.
+
+        Loading is checked, not assumed: only safetensors weights are read, and a missing, truncated or corrupted
+        file, a config.json with missing or wrongly typed fields, or weights that do not fit the config (missing,
+        unexpected or mismatched tensors, which transformers would otherwise initialise at random) raise a
+        `PeftCVAEError` (`MissingFileError`, `CorruptFileError`, `InvalidConfigError`).
+        """
+        _check_local_generator_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below as a CorruptFileError, not a RuntimeError
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise CorruptFileError(
+                f"The generator weights of {pretrained_model_name_or_path} are not a readable safetensors file "
+                f"({error}). The file is truncated or corrupted: save or download the generator again."
+            ) from error
+        problems = [
+            f"{len(info[kind])} {kind.replace('_keys', '')} (e.g. {sorted(map(str, info[kind]))[0]})"
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(kind)
+        ]
+        if problems:
+            raise CorruptFileError(
+                f"The weights of {pretrained_model_name_or_path} do not fit its config.json: tensors "
+                f"{'; '.join(problems)}. Expected exactly the tensors of the generator that config describes; the "
+                "files were edited, corrupted or mixed from two generators: save or download the generator again."
+            )
         # Weights come memory-mapped from safetensors at unaligned addresses, where CPU kernels take other code paths
         # and round differently (~1e-7). Copying them into memory of our own keeps generation bit-identical to the
         # model that was saved, and frees the file.
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
-        return loaded
+        return (model, info) if output_loading_info else model
 
     # ---- saving and sharing -------------------------------------------------------------------------------------
     def save_pretrained(
@@ -241,16 +302,17 @@ class PeftCVAEGenerator(PreTrainedModel):
         if history:
             self.config.training_summary = training_summary(history)
         try:
-            super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+            if is_main_process:  # all files at once: a crash mid-save leaves the previous version whole
+                with atomic_directory(save_directory) as staging:
+                    super().save_pretrained(staging, is_main_process=True, **kwargs)
+                    generator_model_card(self, model_id=os.fspath(save_directory)).save(staging / "README.md")
+            else:
+                super().save_pretrained(save_directory, is_main_process=False, **kwargs)
         finally:  # saving has no side effect on the in-memory config
             if history and previous is None:
                 del self.config.training_summary
             elif history:
                 self.config.training_summary = previous
-        if is_main_process:
-            card = generator_model_card(self, model_id=os.fspath(save_directory))
-            with atomic_directory(save_directory) as staging:
-                card.save(staging / "README.md")
         if push_to_hub and is_main_process:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
@@ -381,9 +443,11 @@ class PeftCVAEGenerator(PreTrainedModel):
                 the result does not depend on the number of processes and resumes bit-identically.
         """
         if params.dim() != 2 or params.shape[1] != self.config.lora_layout.numel:
-            raise ConditionError(
+            raise LayoutMismatchError(
                 f"Expected flat LoRA vectors of shape (batch, {self.config.lora_layout.numel}), got "
-                f"{tuple(params.shape)}. Flatten adapters with generator.config.lora_layout.flatten(state_dict)."
+                f"{tuple(params.shape)}: these LoRA checkpoints have another layout (base model, rank or target "
+                "modules) than the generator. Flatten adapters with generator.config.lora_layout.flatten(state_dict), "
+                "or build a generator for that bank with PeftCVAEGenerator.from_bank(bank)."
             )
         condition = self._check_condition(condition, params.shape[0])
         target = self.normalize(params)  # (B, N)
