@@ -117,7 +117,9 @@ class LoraCheckpointCallback(TrainerCallback):
         model, adapter_name = self._peft_model(kwargs.get("model"))
         lora_config = model.peft_config[adapter_name]
         if self.bank is None:
-            self.bank = LoraBank(LoraLayout.from_state_dict(self._state_dict(model, adapter_name), lora_config))
+            library = LoraLayout.from_peft_model(model, adapter_name).library  # "diffusers" for a UNet
+            state_dict = self._state_dict(model, adapter_name)  # float32, so the bank's layout says float32
+            self.bank = LoraBank(LoraLayout.from_state_dict(state_dict, lora_config, library=library))
         else:
             self.bank.layout.check_config(lora_config)
             self.bank.layout.check(get_peft_model_state_dict(model, adapter_name=adapter_name))

@@ -40,7 +40,7 @@ def test_from_hub_reads_pushed_peft_adapters_exactly(bank, hub_env, tmp_path):
         descriptions={"descending": "counting down"},
     )
 
-    assert loaded.task_names == ["ascending", "descending"]
+    assert loaded.task_names == ["ascending", "descending"] and loaded.layout.library == "peft"
     assert loaded.layout.keys == bank.layout.keys and loaded.layout.shapes == bank.layout.shapes
     for got, expected in zip(loaded, [*ascending, descending]):
         assert got.task == expected.task and got.step is None

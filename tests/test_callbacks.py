@@ -73,7 +73,7 @@ def test_save_steps_in_last_fraction_and_final_state(tmp_path, fresh_accelerate_
     assert [(c.task, c.step) for c in bank] == [("ascending", 24), ("ascending", 28), ("ascending", 30)]
     assert bank.description("ascending") == "tokens that count up"
     assert torch.equal(bank.condition("ascending"), condition)
-    assert bank.layout.dtype == "float32" and bank.layout.lora_config["r"] == 2
+    assert bank.layout.dtype == "float32" and bank.layout.lora_config["r"] == 2 and bank.layout.library == "peft"
 
     final = final_state(model)
     assert set(bank.checkpoints[-1].state_dict) == set(final)
