@@ -44,7 +44,10 @@ class LoraCheckpointCallback(TrainerCallback):
         - In both cases only in the last `last_fraction` of training: a step `s` of a run of `max_steps` optimiser
           steps qualifies when `s > max_steps - floor(max_steps * last_fraction)`. With 150 epochs and
           `last_fraction=1/3` that is epochs 101 to 150, as in ICM-LoRA.
-        - Always at the final step (also when training stops early, e.g. through `EarlyStoppingCallback`), once.
+        - Always at the final step (also when training stops early, e.g. through `EarlyStoppingCallback`), once. An
+          early stop is noticed only when training ends, so with `load_best_model_at_end=True` that last checkpoint
+          holds the best model the Trainer reloaded. A run resumed with `resume_from_checkpoint` collects only the
+          steps it runs.
 
     Each checkpoint is a detached float32 copy on the CPU of `peft.get_peft_model_state_dict(model)`, added with
     `bank.add_checkpoint(task, state_dict, step=global_step)`. Nothing is written to disk during training; with
