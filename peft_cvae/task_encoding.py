@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .errors import ConditionError
 
@@ -126,7 +127,12 @@ class TextTaskEncoder:
             # A full CLIP checkpoint holds text_model.* and text_projection.*: load those, skip the vision tower.
             text_config = config.text_config
             text_config.projection_dim = config.projection_dim
-            model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config)
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()  # the skipped vision weights are expected, not news
+            try:
+                model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
             self._output = "text_embeds"
         elif isinstance(config, CLIPTextConfig) and "CLIPTextModelWithProjection" in (config.architectures or []):
             model, self._output = CLIPTextModelWithProjection.from_pretrained(path), "text_embeds"
