@@ -13,6 +13,7 @@ one commit with `upload_folder_to_hub`.
 """
 
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
@@ -161,6 +162,21 @@ def generator_model_card(generator, model_id: str | None = None, tags: list[str]
     )
 
 
+def _task_text(task: str | None, metadata: dict) -> str:
+    """What an adapter was generated for, from `GeneratedAdapter.task` and the metadata `generate_adapter` records."""
+    if "fused_tasks" in metadata:
+        tasks = ", ".join(f"`{name}`" for name in json.loads(metadata["fused_tasks"]))
+        weights = ", ".join(f"{weight:.3g}" for weight in json.loads(metadata.get("fusion_weights", "[]")))
+        return f"a fusion of the tasks {tasks} (weights {weights}, combined by {metadata.get('combine', 'condition')})"
+    if task is not None:
+        return f"the task `{task}`"
+    if "description" in metadata:
+        return f'a new task described as "{metadata["description"]}"'
+    if "examples" in metadata:
+        return f"a task given by {metadata['examples']} example texts"
+    return "a task given as a condition vector"
+
+
 def adapter_model_card(adapter, model_id: str | None = None) -> ModelCard:
     """A PEFT-style card for a `GeneratedAdapter`: `library_name: peft`, `base_model`, tags `lora`, `peft-cvae` and
     `base_model:adapter:<base>` (the last two only when the base model is a Hub repo id), and a line saying which
@@ -184,7 +200,7 @@ def adapter_model_card(adapter, model_id: str | None = None) -> ModelCard:
     )
     generator = adapter.generator_name_or_path
     generator_text = f"the peft-cvae generator `{generator}`" if generator else "an unsaved peft-cvae generator"
-    task_text = f"the task `{adapter.task}`" if adapter.task is not None else "a task given as a condition vector"
+    task_text = _task_text(adapter.task, adapter.metadata)
     seed_text = f"seed {adapter.seed}" if adapter.seed is not None else "no seed"
     provenance = f"{generator_text} generated it for {task_text} ({seed_text}, temperature {adapter.temperature})."
     metadata = {

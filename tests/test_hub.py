@@ -6,12 +6,13 @@ mocked. The server lives for the whole session, so every test uses its own repo 
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from peft import AutoPeftModelForCausalLM, PeftModel
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM
 
 from peft_cvae import LoraLayout, PeftCVAEGenerator
 from peft_cvae.model_card import GENERATOR_TAGS, adapter_model_card
@@ -26,13 +27,19 @@ def logits(model) -> torch.Tensor:
         return model(TOKENS).logits
 
 
-def generator_for_hub(trained_generator, base_model: str | None = None) -> PeftCVAEGenerator:
-    """A copy of the session's trained generator (which must not be modified), optionally naming a Hub base model."""
+def generator_for_hub(trained_generator, base_model: str | None = None, encoder: dict | None = MINILM):
+    """A copy of the session's trained generator (which must not be modified), optionally naming a Hub base model
+    and a condition encoder (only recorded: the tiny bank's conditions are random vectors)."""
     generator = copy.deepcopy(trained_generator)
-    generator.config.condition_encoder = dict(MINILM)
+    generator.config.condition_encoder = dict(encoder) if encoder else None
     if base_model is not None:
         generator.config.layout["lora_config"]["base_model_name_or_path"] = base_model
     return generator
+
+
+def python_blocks(markdown: str) -> list[str]:
+    """The ```python code blocks of a model card."""
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
 
 
 def assert_same_generator(expected: PeftCVAEGenerator, actual: PeftCVAEGenerator, bank) -> None:
@@ -151,9 +158,9 @@ def test_adapter_card_of_a_diffusers_unet_lora_shows_load_lora_weights(trained_g
     )
 
 
-def test_pushed_adapter_loads_with_plain_peft_like_the_local_folder(hub_env, trained_generator, tmp_path):
+def test_pushed_adapter_loads_with_plain_peft_like_the_local_folder(hub_env, trained_generator, tmp_path, monkeypatch):
     tiny_llama(seed=0).push_to_hub("user/tiny-llama-base")  # the base model, on the Hub as well
-    generator_for_hub(trained_generator, base_model="user/tiny-llama-base").push_to_hub("user/adapter-generator")
+    generator_for_hub(trained_generator, "user/tiny-llama-base", encoder=None).push_to_hub("user/adapter-generator")
     generator = PeftCVAEGenerator.from_pretrained("user/adapter-generator")
     adapter = generator.generate_adapter("descending", seed=0)
 
@@ -191,6 +198,31 @@ def test_pushed_adapter_loads_with_plain_peft_like_the_local_folder(hub_env, tra
         "(seed 0, temperature 1.0)."
     ) in card.text
     assert 'PeftModel.from_pretrained(base, "user/generated-descending")' in card.text
+
+    # The usage snippets of both cards run as written.
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for repo_id in ("user/adapter-generator", "user/generated-descending"):
+        for block in python_blocks(ModelCard.load(repo_id).text):
+            exec(compile(block, f"{repo_id}/README.md", "exec"), namespace)
+    assert (tmp_path / "generated-lora" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained("user/tiny-llama-base")
+    expected = generator.generate_adapter("ascending", seed=0, base_model=base).eval()
+    assert torch.equal(logits(namespace["peft_model"].eval()), logits(expected))  # generator card: first task
+    assert torch.equal(logits(namespace["model"].eval()), logits(from_folder))  # adapter card
+
+
+def test_adapter_card_says_what_the_adapter_was_generated_for(trained_generator):
+    fused = trained_generator.generate_adapter(["ascending", "descending"], weights=[3, 1], seed=0)
+    from_vector = trained_generator.generate_adapter(torch.ones(8), seed=2)
+
+    assert (
+        "generated it for a fusion of the tasks `ascending`, `descending` (weights 0.75, 0.25, combined by "
+        "condition) (seed 0, temperature 1.0)."
+    ) in adapter_model_card(fused).text
+    assert "generated it for a task given as a condition vector (seed 2, temperature 1.0)." in (
+        adapter_model_card(from_vector).text
+    )
 
 
 def test_missing_generator_repo_or_weights_file_is_a_clear_error(hub_env, trained_generator, tmp_path, monkeypatch):
