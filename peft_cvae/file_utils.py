@@ -120,11 +120,13 @@ def _atomic_file(path: str | os.PathLike):
         raise NotWritableError(f"Cannot write the file {path}: a folder of that name exists. Choose another path.")
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        open(temporary, "xb").close()  # default permissions, unlike tempfile.mkstemp's 0600
+        open(temporary, "xb").close()
+        mode = temporary.stat().st_mode & 0o777  # what the umask gives a new file (mkstemp and safetensors use 0600)
     except OSError as error:
         raise _not_writable(path.parent, error) from error
     try:
         yield temporary
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
