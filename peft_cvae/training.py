@@ -285,6 +285,7 @@ def train_generator(
 
     model.eval()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # takes the autocast wrapper off generator.forward
+    generator.training_history = history  # save_pretrained / push_to_hub put its summary in the model card
     if output_dir is not None:
         sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         state_dict = accelerator.get_state_dict(model) if sharded else None  # gathered from all processes

@@ -14,9 +14,9 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModel, AutoModelForCausalLM
 
-from peft_cvae import LoraLayout, PeftCVAEGenerator
+from peft_cvae import LoraLayout, PeftCVAEGenerator, train_generator
 from peft_cvae.model_card import GENERATOR_TAGS, adapter_model_card
-from tests.testing_utils import TASKS, tiny_llama
+from tests.testing_utils import TASKS, small_generator_overrides, tiny_llama
 
 TOKENS = torch.arange(12)[None]
 MINILM = {"kind": "text", "name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -239,3 +239,13 @@ def test_missing_generator_repo_or_weights_file_is_a_clear_error(hub_env, traine
     HfApi().upload_folder(folder_path=tmp_path / "config-only", repo_id="user/config-only")
     with pytest.raises(OSError, match="model.safetensors"):
         PeftCVAEGenerator.from_pretrained("user/config-only")
+
+
+def test_train_generator_records_its_history_for_the_card(bank, tmp_path):
+    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
+    history = train_generator(generator, bank, epochs=3, batch_size=4, show_progress=False, output_dir=tmp_path)
+
+    assert generator.training_history == history
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "| epochs | 3 |" in card.text
+    assert f"| final reconstruction loss | {history[-1]['reconstruction_loss']:.6g} |" in card.text
