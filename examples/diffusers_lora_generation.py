@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=300, help="generator training epochs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.resolution, args.steps, args.epochs = 16, 12, 100
+        args.resolution, args.steps, args.epochs = 16, 9, 60
     return args
 
 

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-texts", type=int, default=20, help="held-out texts scored per domain")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.num_examples, args.eval_texts = 150, 4, 8
+        args.epochs, args.num_examples, args.eval_texts = 80, 4, 8
     return args
 
 
