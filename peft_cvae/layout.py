@@ -164,6 +164,7 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
         )
     try:
         config = PeftConfig.from_pretrained(path_str, **hub_kwargs)
+        config_dict = lora_config_to_dict(config)
     except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
         if not is_local:
             raise
@@ -171,7 +172,6 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
             f"The adapter_config.json of {path_str} cannot be read as a PEFT config: {error}. Expected the JSON that "
             "`PeftModel.save_pretrained` writes; save the adapter again."
         ) from error
-    config_dict = lora_config_to_dict(config)
     _check_supported(config_dict)
     problem = _lora_field_problem(config_dict)
     if problem is not None:

@@ -400,6 +400,7 @@ def test_generator_config_that_is_not_a_json_object_is_refused(saved, tmp_path, 
         (_set("r", "two"), ["r='two'", "positive integer"]),
         (_set("lora_alpha", [4]), ["lora_alpha=[4]", "a number"]),
         (_set("target_modules", 7), ["target_modules=7"]),
+        (_set("target_modules", ["q_proj", None]), ["cannot be read as a PEFT config"]),  # found by test_fuzz
         (_drop("peft_type"), ["missing required keys", "peft_type"]),
     ],
 )
