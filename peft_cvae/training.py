@@ -139,11 +139,14 @@ def train_generator(
         batch_size: checkpoints per batch *per process*; the global batch is `batch_size x num_processes`.
         seed: seeds data order, initialisation noise and the reparameterisation noise. The same seed gives
             bit-identical weights on CPU (one process), also across a kill and resume.
-        weight_decay, max_grad_norm: AdamW weight decay; gradient clipping (None: no clipping).
-        gradient_accumulation_steps, mixed_precision ("no", "bf16", "fp16"), log_with ("tensorboard", "wandb", ...,
-            "all"), project_dir (where trackers write; defaults to `output_dir`): passed to `accelerate.Accelerator`
-            when `accelerator` is not given. `accelerate launch --mixed_precision bf16` also works: an explicit
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm (None: no clipping).
+        gradient_accumulation_steps: passed to `accelerate.Accelerator` when `accelerator` is not given, as are the
+            next three.
+        mixed_precision: "no", "bf16" or "fp16". `accelerate launch --mixed_precision bf16` also works: an explicit
             argument here wins over the launcher's setting only when it is not None.
+        log_with: accelerate trackers ("tensorboard", "wandb", ..., "all").
+        project_dir: where trackers write; defaults to `output_dir`.
         accelerator: an `Accelerator` of your own (then the four arguments above are ignored).
         show_progress: show a progress bar (main process only).
         output_dir: where checkpoints (`output_dir/checkpoints/checkpoint-epoch-NNNNNN/`) go and, at the end, the
