@@ -671,9 +671,15 @@ class PeftCVAEGenerator(PreTrainedModel):
                     "The generated adapter contains NaN or Inf, so it was not written. The generator's weights are "
                     "broken (training diverged?): retrain it, e.g. with a lower learning rate or in float32."
                 )
+            state_dict = layout.unflatten(vector)  # in the layout's dtype, where large values can overflow
+            if not all(torch.isfinite(tensor).all() for tensor in state_dict.values()):
+                raise NonFiniteError(
+                    f"The generated adapter has values beyond the range of {layout.dtype}, the adapters' dtype, so it "
+                    "was not written. The generator's weights or normalisation are broken: retrain it on the bank."
+                )
             adapters.append(
                 GeneratedAdapter(
-                    state_dict=layout.unflatten(vector),
+                    state_dict=state_dict,
                     layout=layout,
                     task=task_name,
                     generator_name_or_path=self.config.name_or_path or None,
