@@ -313,6 +313,7 @@ def _train_task_lora(args, base_model, tokenizer, task: str, texts: list[str], b
             warmup_steps=min(10, args.steps // 10),
             weight_decay=0.0,
             bf16=args.bf16,
+            use_cpu=not torch.cuda.is_available(),  # bf16 autocast then runs on the CPU instead of being refused
             logging_steps=max(1, args.steps // 10),
             save_strategy="no",
             report_to="none",
@@ -625,10 +626,7 @@ def cmd_info(args) -> int:
             history = record.get("history") or []
             if history:
                 first, last = history[0]["loss"], history[-1]["loss"]
-                seconds = record.get("train_seconds", 0)
-                lines.append(
-                    f"training:        {len(history)} epochs, loss {first:.4f} -> {last:.4f}, {seconds:.0f} s"
-                )
+                lines.append(f"training:        {len(history)} epochs, loss {first:.4f} -> {last:.4f}")
         lines.append(f"tasks:           {len(config.task_names)}")
         for name, description in zip(config.task_names, config.task_descriptions):
             lines.append(f"  {name}: {description or 'no description'}")
