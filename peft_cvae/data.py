@@ -68,6 +68,39 @@ def _download_from_hub(
     return Path(folder)
 
 
+def _check_manifest_entries(manifest: dict, where: Path) -> None:
+    """Raise `CorruptFileError` if the task or checkpoint entries of a bank manifest have missing or bad fields."""
+    for entry in manifest["checkpoints"]:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("file"), str)
+            or "\x00" in entry["file"]
+            or not isinstance(entry.get("task"), str)
+            or not entry["task"]
+            or not (
+                entry.get("step") is None or (isinstance(entry["step"], int) and not isinstance(entry["step"], bool))
+            )
+        ):
+            raise CorruptFileError(
+                f"A checkpoint entry of the bank manifest {where} is malformed: {str(entry)[:200]}. Expected "
+                '{"task": <non-empty string>, "step": <integer or null>, "file": <path inside the bank>}; save the '
+                "bank again with LoraBank.save_pretrained."
+            )
+    for task in manifest["tasks"]:
+        if not isinstance(task, dict) or not isinstance(task.get("name"), str):
+            raise CorruptFileError(
+                f"A task entry of the bank manifest {where} is malformed: {str(task)[:200]}. Expected "
+                '{"name": <string>, "description": <string>}; save the bank again with LoraBank.save_pretrained.'
+            )
+        if not isinstance(task.get("description", ""), str):
+            raise CorruptFileError(f"Task {task['name']!r} of the bank manifest {where} has a non-string description.")
+    if not isinstance(manifest.get("condition_encoder"), (dict, type(None))):
+        raise CorruptFileError(
+            f"The bank manifest {where} has condition_encoder={manifest['condition_encoder']!r}; expected an object "
+            "or null. Save the bank again with LoraBank.save_pretrained."
+        )
+
+
 @dataclass
 class LoraCheckpoint:
     """One LoRA checkpoint of a task: its PEFT state dict and the training step it was taken at (if known)."""
@@ -420,22 +453,29 @@ train_generator(generator, bank)
                 f"The bank was written in format {manifest['format_version']}, newer than this peft-cvae understands "
                 f"({BANK_FORMAT_VERSION}). Upgrade peft-cvae."
             )
+        _check_manifest_entries(manifest, directory / BANK_MANIFEST_NAME)
         bank = cls(LoraLayout.from_dict(manifest["layout"]), condition_encoder=manifest.get("condition_encoder"))
         for entry in manifest["checkpoints"]:
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "task" not in entry:
-                raise CorruptFileError(
-                    f"A checkpoint entry of {directory / BANK_MANIFEST_NAME} is malformed: {entry!r}"
-                )
             relative = Path(entry["file"])
             path = directory / relative
             if relative.is_absolute() or ".." in relative.parts or root not in path.resolve().parents:
-                raise CorruptFileError(f"The bank manifest points outside the bank folder: {entry['file']!r}.")
+                raise CorruptFileError(
+                    f"The bank manifest points outside the bank folder: {entry['file']!r}; expected a path inside it "
+                    "such as 'checkpoints/00000.safetensors'. Do not load this bank: it may try to read other files."
+                )
             if not path.is_file():
                 raise MissingFileError(
                     f"The bank manifest lists {entry['file']} but {path} does not exist. The bank folder is "
                     "incomplete: copy or download all of it again."
                 )
-            bank.add_checkpoint(entry["task"], read_safetensors(path, what="bank checkpoint"), entry.get("step"))
+            state_dict = read_safetensors(path, what="bank checkpoint")
+            dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()})
+            if dtypes and dtypes != [bank.layout.dtype]:
+                raise CorruptFileError(
+                    f"The bank checkpoint {path} holds tensors of dtype {dtypes} but the bank's layout says "
+                    f"{bank.layout.dtype}. The file is corrupted or from another bank: save the bank again."
+                )
+            bank.add_checkpoint(entry["task"], state_dict, entry.get("step"))
         descriptions = {task["name"]: task.get("description", "") for task in manifest["tasks"]}
         if (directory / CONDITIONS_NAME).exists():
             for task, condition in read_safetensors(directory / CONDITIONS_NAME, what="bank conditions").items():
