@@ -3,7 +3,7 @@
 A bank holds, in order, (task, step, state dict) checkpoints that all share one `LoraLayout`, and one condition vector
 (plus an optional description) per task. It is saved as a folder:
 
-    bank.json                    manifest: format version, layout, tasks, checkpoints (task, step, file)
+    bank.json                    manifest: format version, layout, tasks, checkpoints (task, step, file, sha256)
     conditions.safetensors       one condition vector per task, keyed by task name
     checkpoints/00000.safetensors   one PEFT state dict per checkpoint (the same tensors as adapter_model.safetensors)
 
@@ -11,6 +11,7 @@ Nothing is pickled; every file is JSON or safetensors.
 """
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import ConditionError, CorruptFileError, EmptyBankError, MissingFileError, UnknownTaskError
-from .file_utils import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
+from .file_utils import atomic_directory, read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .layout import LoraLayout, adapter_library, load_adapter
 
 __all__ = ["LoraBank", "LoraCheckpoint"]
@@ -94,10 +95,29 @@ def _check_manifest_entries(manifest: dict, where: Path) -> None:
             )
         if not isinstance(task.get("description", ""), str):
             raise CorruptFileError(f"Task {task['name']!r} of the bank manifest {where} has a non-string description.")
+    hashes = [entry.get("sha256") for entry in manifest["checkpoints"]] + [manifest.get("conditions_sha256")]
+    for value in hashes:  # absent in banks saved before checksums were recorded
+        if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+            raise CorruptFileError(
+                f"The bank manifest {where} has a malformed sha256 {str(value)[:80]!r}; expected 64 hex digits. "
+                "Save the bank again with LoraBank.save_pretrained."
+            )
     if not isinstance(manifest.get("condition_encoder"), (dict, type(None))):
         raise CorruptFileError(
             f"The bank manifest {where} has condition_encoder={manifest['condition_encoder']!r}; expected an object "
             "or null. Save the bank again with LoraBank.save_pretrained."
+        )
+
+
+def _check_sha256(path: Path, expected: str | None, what: str) -> None:
+    """Raise `CorruptFileError` if a file's SHA-256 differs from the one the manifest recorded (if it recorded one)."""
+    if expected is None:
+        return
+    found = sha256_file(path)
+    if found != expected:
+        raise CorruptFileError(
+            f"The {what} {path} has sha256 {found[:12]}..., but the bank manifest recorded {expected[:12]}...: the "
+            "file changed or was damaged after the bank was saved. Copy or download the whole bank again."
         )
 
 
@@ -320,7 +340,8 @@ class LoraBank:
             for index, checkpoint in enumerate(self.checkpoints):
                 file = f"checkpoints/{index:05d}.safetensors"
                 write_safetensors(checkpoint.state_dict, staging / file)
-                entries.append({"task": checkpoint.task, "step": checkpoint.step, "file": file})
+                sha256 = sha256_file(staging / file)  # checked on load: safetensors has no checksum of its own
+                entries.append({"task": checkpoint.task, "step": checkpoint.step, "file": file, "sha256": sha256})
             if self._conditions:
                 write_safetensors(self._conditions, staging / CONDITIONS_NAME)
             manifest = {
@@ -330,6 +351,8 @@ class LoraBank:
                 "tasks": [{"name": task, "description": self.description(task)} for task in self.task_names],
                 "checkpoints": entries,
             }
+            if self._conditions:
+                manifest["conditions_sha256"] = sha256_file(staging / CONDITIONS_NAME)
             write_json(manifest, staging / BANK_MANIFEST_NAME)
 
     def dataset_card(self, repo_id: str | None = None) -> DatasetCard:
@@ -468,6 +491,7 @@ train_generator(generator, bank)
                     f"The bank manifest lists {entry['file']} but {path} does not exist. The bank folder is "
                     "incomplete: copy or download all of it again."
                 )
+            _check_sha256(path, entry.get("sha256"), "bank checkpoint")
             state_dict = read_safetensors(path, what="bank checkpoint")
             dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()})
             if dtypes and dtypes != [bank.layout.dtype]:
@@ -478,6 +502,7 @@ train_generator(generator, bank)
             bank.add_checkpoint(entry["task"], state_dict, entry.get("step"))
         descriptions = {task["name"]: task.get("description", "") for task in manifest["tasks"]}
         if (directory / CONDITIONS_NAME).exists():
+            _check_sha256(directory / CONDITIONS_NAME, manifest.get("conditions_sha256"), "bank conditions file")
             for task, condition in read_safetensors(directory / CONDITIONS_NAME, what="bank conditions").items():
                 bank.set_condition(task, condition)
         bank._descriptions.update({task: text for task, text in descriptions.items() if text})

@@ -7,6 +7,7 @@ Reads accept only safetensors and JSON: nothing is ever unpickled.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFileError, MissingFileError, NotWritableError
 
-__all__ = ["atomic_directory", "read_json", "read_safetensors", "write_json", "write_safetensors"]
+__all__ = ["atomic_directory", "read_json", "read_safetensors", "sha256_file", "write_json", "write_safetensors"]
 
 
 @contextlib.contextmanager
@@ -178,3 +179,13 @@ def read_safetensors(path: str | os.PathLike, *, what: str = "weights file") -> 
             f"The {what} {path} is not a readable safetensors file ({error}). It is corrupted or truncated: "
             "download or save it again."
         ) from error
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes. safetensors has no checksum of its own, so a flipped bit in tensor data would
+    load as a plausible number; manifests record this hash to catch that."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

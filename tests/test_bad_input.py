@@ -75,6 +75,17 @@ def edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def drop_checksums(bank_folder: Path) -> None:
+    """Make the manifest look like one written before checksums were recorded (they are optional on load)."""
+
+    def drop(manifest):
+        manifest.pop("conditions_sha256", None)
+        for entry in manifest["checkpoints"]:
+            entry.pop("sha256", None)
+
+    edit_json(bank_folder / "bank.json", drop)
+
+
 def copy_folder(source: Path, destination: Path) -> Path:
     shutil.copytree(source, destination)
     return destination
@@ -282,6 +293,10 @@ def test_bank_folder_with_a_nan_checkpoint_is_refused(saved, tmp_path):
     first = sorted(tensors)[0]
     tensors[first][0, 0] = float("nan")
     save_file(tensors, checkpoint)
+    with pytest.raises(CorruptFileError) as error:  # the manifest's checksum sees the change first
+        LoraBank.from_pretrained(folder)
+    assert_says(error, "00002.safetensors has sha256", "the bank manifest recorded", "download the whole bank again")
+    drop_checksums(folder)
     with pytest.raises(NonFiniteError) as error:
         LoraBank.from_pretrained(folder)
     assert_says(error, repr(first), "NaN or Inf")
@@ -316,7 +331,33 @@ def test_damaged_bank_files_are_refused(saved, tmp_path, damage, file):
     damage(folder / file)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
+    assert_says(error, file, "has sha256", "changed or was damaged after the bank was saved", "download the whole")
+    drop_checksums(folder)
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_pretrained(folder)
     assert_says(error, file, "not a readable safetensors file", "download or save it again")
+
+
+def test_bank_checkpoint_with_a_flipped_bit_in_tensor_data_is_refused(saved, tmp_path):
+    """A bit flip in tensor data still parses as safetensors; only the manifest's sha256 can tell."""
+    folder = copy_folder(saved / "bank", tmp_path / "bank")
+    checkpoint = folder / "checkpoints" / "00004.safetensors"
+    data = bytearray(checkpoint.read_bytes())
+    data[-3] ^= 0x01  # the low bits of a float32 near the end: a plausible, finite number
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_pretrained(folder)
+    assert_says(error, "00004.safetensors has sha256", "the bank manifest recorded")
+    drop_checksums(folder)
+    assert len(LoraBank.from_pretrained(folder)) == 12  # without the checksum it would load silently
+
+
+def test_bank_manifest_with_a_malformed_checksum_is_refused(saved, tmp_path):
+    folder = copy_folder(saved / "bank", tmp_path / "bank")
+    edit_json(folder / "bank.json", lambda manifest: manifest["checkpoints"][1].__setitem__("sha256", "abc"))
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_pretrained(folder)
+    assert_says(error, "malformed sha256 'abc'", "64 hex digits")
 
 
 def test_bank_checkpoint_with_another_dtype_is_refused(saved, tmp_path):
@@ -325,6 +366,7 @@ def test_bank_checkpoint_with_another_dtype_is_refused(saved, tmp_path):
     from safetensors.torch import load_file
 
     save_file({key: value.double() for key, value in load_file(checkpoint).items()}, checkpoint)
+    drop_checksums(folder)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
     assert_says(error, "dtype ['float64']", "layout says float32", "save the bank again")
