@@ -519,31 +519,49 @@ def evaluate_adapters(
     Returns:
         `{"base": metrics, name: metrics, ...}` with the metrics of `peft_cvae.evaluation.evaluate_language_model`.
     """
-    from peft import PeftModel
-
-    from .errors import LayoutMismatchError
     from .evaluation import evaluate_language_model
 
     base_model, tokenizer = _load_base_model(base_model_path)
     options = {"max_length": max_length, "batch_size": batch_size, "autocast_dtype": torch.bfloat16 if bf16 else None}
     results = {"base": evaluate_language_model(base_model, tokenizer, texts, **options)}
-    model = None
+    model = base_model
     for name, path in adapters.items():
-        if model is None:
-            model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
-            loaded = None
-        else:
-            loaded = model.load_adapter(str(path), adapter_name=name)
-        unexpected = list(getattr(loaded, "unexpected_keys", []) or [])
-        missing = [key for key in getattr(loaded, "missing_keys", []) or [] if f".{name}." in key and "lora_" in key]
-        if unexpected or missing:
-            raise LayoutMismatchError(
-                f"The adapter {path} does not fit the base model {base_model_path} ({len(missing)} missing and "
-                f"{len(unexpected)} unexpected keys). Evaluate it with the base model it was trained for."
-            )
-        model.set_adapter(name)
+        model = _load_adapter_checked(model, path, name, base_model_path)
         results[name] = evaluate_language_model(model, tokenizer, texts, **options)
     return results
+
+
+def _load_adapter_checked(model, path, name: str, base_model_path: str):
+    """Add the PEFT adapter at `path` to `model` (a base model or a PeftModel) as `name` and make it active.
+
+    Unlike `PeftModel.from_pretrained`, which only warns about missing keys, every LoRA tensor of the model's new
+    adapter must be filled from the file and every tensor of the file must be used; anything else is a clear error.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .errors import LayoutMismatchError
+
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=name)
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, target modules not in the model, ...
+        raise LayoutMismatchError(
+            f"The adapter {path} does not fit the base model {base_model_path}: {str(error).splitlines()[0]} "
+            "Evaluate it with the base model it was trained for."
+        ) from error
+    missing = [key for key in result.missing_keys if f".{name}." in key and "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise LayoutMismatchError(
+            f"The adapter {path} does not fit the base model {base_model_path} ({len(missing)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys). Evaluate it with the base model it was trained for."
+        )
+    model.set_adapter(name)
+    return model
 
 
 def cmd_evaluate(args) -> int:
@@ -572,6 +590,19 @@ def cmd_evaluate(args) -> int:
 
 
 # ---- info ----------------------------------------------------------------------------------------------------------
+def _bank_conditions(bank) -> dict:
+    """The condition vectors a bank has, by task (a bank may lack some until they are set)."""
+    from .errors import UnknownTaskError
+
+    conditions = {}
+    for task in bank.task_names:
+        try:
+            conditions[task] = bank.condition(task)
+        except UnknownTaskError:
+            continue
+    return conditions
+
+
 def _layout_lines(layout) -> list[str]:
     config = layout.lora_config
     return [
@@ -593,7 +624,7 @@ def cmd_info(args) -> int:
         lines.append(
             f"encoder:         {json.dumps(bank.condition_encoder) if bank.condition_encoder else 'not recorded'}"
         )
-        sizes = {task: bank.condition(task).numel() for task in bank.task_names if task in bank._conditions}
+        sizes = {task: condition.numel() for task, condition in _bank_conditions(bank).items()}
         lines.append(
             f"conditions:      {len(sizes)} of {len(bank.task_names)} tasks, size {set(sizes.values()) or '-'}"
         )
@@ -653,7 +684,7 @@ def cmd_plot(args) -> int:
     if (path / BANK_MANIFEST_NAME).is_file():
         bank = LoraBank.from_pretrained(path)
         written.append(plot_task_vectors(bank, output / "checkpoints.png", method=args.method))
-        conditions = {task: bank.condition(task) for task in bank.task_names if task in bank._conditions}
+        conditions = _bank_conditions(bank)
         if conditions:
             written.append(plot_task_vectors(conditions, output / "task_vectors.png", method=args.method))
     elif (path / "config.json").is_file():

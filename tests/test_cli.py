@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -315,6 +315,23 @@ def test_user_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):
     err = user_mistake(["train", str(tmp_path), "--output", str(tmp_path / "g")], capsys)
     assert "bank.json" in err
     assert "not a LoRA bank" in user_mistake(["info", str(tmp_path)], capsys)
+    # An adapter of another base model (hidden size 32, not 16) is refused, not silently half-loaded.
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
+    )
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
+    texts = str(workspace["root"] / "held_out" / "numbers")
+    err = user_mistake(
+        ["evaluate", "--base-model", base, "--texts", texts, "--adapter", f"x={tmp_path / 'other'}"], capsys
+    )
+    assert "does not fit the base model" in err
     # argparse's own mistakes also exit 2.
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", str(workspace["generator"]), "--output", "x"])
