@@ -19,6 +19,10 @@ __all__ = ["GeneratedAdapter"]
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def _named(base_model_name: str | None) -> str:
+    return f" ({base_model_name!r})" if base_model_name else ""
+
+
 def _remove_adapter(model: PeftModel, adapter_name: str, *, base_was_peft: bool) -> None:
     """Undo `to_peft_model` after a failed load: drop the new adapter from a `PeftModel` the caller passed, or take
     the LoRA layers out of a plain base model again, so a refused adapter leaves the caller's model unchanged."""
@@ -56,7 +60,10 @@ class GeneratedAdapter:
         self.layout.check(self.state_dict)
         for key, tensor in self.state_dict.items():
             if not torch.isfinite(tensor).all():
-                raise NonFiniteError(f"Tensor {key!r} of the generated adapter has NaN or Inf; nothing was written.")
+                raise NonFiniteError(
+                    f"Tensor {key!r} of the generated adapter has NaN or Inf; nothing was written. Expected finite "
+                    "LoRA weights: generate it again, or retrain the generator if it keeps happening."
+                )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`.
@@ -107,8 +114,8 @@ class GeneratedAdapter:
                 f"The generated adapter does not fit this base model: {wrong[0]!r} has shape "
                 f"{tuple(self.state_dict[wrong[0]].shape)} but the model's LoRA layer has shape "
                 f"{tuple(expected[wrong[0]].shape)} ({len(wrong)} such tensors). Use the base model the generator's "
-                f"adapters were trained on ({self.layout.lora_config.get('base_model_name_or_path')!r}); the model "
-                "was left as it was."
+                f"adapters were trained on{_named(self.layout.lora_config.get('base_model_name_or_path'))}; the "
+                "model was left as it was."
             )
         result = set_peft_model_state_dict(model, self.state_dict, adapter_name=adapter_name)
         missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]

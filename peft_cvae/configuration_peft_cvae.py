@@ -97,7 +97,10 @@ class PeftCVAEConfig(PretrainedConfig):
         for name in ("condition_size", "latent_size", "patch_size", "hidden_channels", "num_layers", "kernel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidConfigError(f"PeftCVAEConfig.{name} must be a positive integer, got {value!r}.")
+                raise InvalidConfigError(
+                    f"PeftCVAEConfig.{name} must be a positive integer, got {value!r}. If this came from a "
+                    "config.json, it was edited or is corrupted: save or download the generator again."
+                )
         if self.kernel_size % 2 == 0:
             raise InvalidConfigError(
                 f"PeftCVAEConfig.kernel_size must be odd to keep the length, got {self.kernel_size}."

@@ -176,9 +176,12 @@ def _check_local_generator_folder(path, subfolder: str = "") -> None:
             "the config.json that PeftCVAEGenerator.save_pretrained writes: save or download the generator again."
         ) from error
     if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = ""
+        if (folder / "pytorch_model.bin").is_file():
+            pickled = "; pytorch_model.bin is never read: it is a pickle, which can run code"
         raise MissingFileError(
-            f"The generator folder {folder} has a config.json but no weights (expected model.safetensors). The "
-            "folder is incomplete: save or download the generator again."
+            f"The generator folder {folder} has a config.json but no weights (expected model.safetensors{pickled}). "
+            "The folder is incomplete: save or download the generator again."
         )
 
 

@@ -36,7 +36,7 @@ from peft_cvae import (
     UnsupportedAdapterError,
     train_generator,
 )
-from tests.testing_utils import tiny_llama, tiny_lora_config
+from tests.testing_utils import small_generator_overrides, tiny_llama, tiny_lora_config
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -171,11 +171,12 @@ def test_adapter_state_dict_of_another_layout_is_not_written(trained_generator, 
     assert listing(tmp_path) == []
 
 
-def test_training_a_generator_on_a_bank_of_another_layout_is_refused(trained_generator, tmp_path):
+def test_training_a_generator_on_a_bank_of_another_layout_is_refused(bank, tmp_path):
+    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())  # not the shared trained one
     r4 = save_peft_adapter(tmp_path / "r4", tiny_lora_config(r=4))
     other_bank = LoraBank.from_adapters({"a": [r4, r4]}, conditions={"a": torch.ones(8)})
     with pytest.raises(LayoutMismatchError) as error:
-        train_generator(trained_generator, other_bank, epochs=1, show_progress=False)
+        train_generator(generator, other_bank, epochs=1, show_progress=False)
     assert isinstance(error.value, ValueError)
     assert_says(error, "flat LoRA vectors of shape (batch, 256), got (2, 512)", "another layout", "from_bank(bank)")
 
@@ -251,13 +252,14 @@ def test_empty_bank_is_refused(adapters):
     assert_says(error, "No adapters were given", "at least one")
 
 
-def test_bank_without_checkpoints_or_with_one_cannot_train(bank, saved, trained_generator):
+def test_bank_without_checkpoints_or_with_one_cannot_train(bank, saved):
+    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())  # not the shared trained one
     empty = LoraBank(bank.layout)
     one = LoraBank.from_adapters({"a": [saved / "peft_adapter"]}, conditions={"a": torch.ones(8)})
     for small, count in ((empty, 0), (one, 1)):
         for action in (
             lambda small=small: PeftCVAEGenerator.from_bank(small),
-            lambda small=small: train_generator(trained_generator, small, epochs=1, show_progress=False),
+            lambda small=small: train_generator(generator, small, epochs=1, show_progress=False),
         ):
             with pytest.raises(EmptyBankError) as error:
                 action()
@@ -495,12 +497,13 @@ def test_generator_folder_without_config_is_refused(saved, tmp_path):
     assert_says(error, "config.json does not exist", "save the folder again")
 
 
-def test_generator_folder_with_only_pickled_weights_is_refused(saved, tmp_path, trained_generator):
+def test_generator_folder_with_only_pickled_weights_is_refused(saved, tmp_path):
     """transformers would read pytorch_model.bin with torch.load; peft-cvae reads safetensors only."""
     folder = copy_folder(saved / "generator", tmp_path / "generator")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(MissingFileError):
+    with pytest.raises(MissingFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
+    assert_says(error, "expected model.safetensors", "pytorch_model.bin is never read", "pickle")
 
 
 def test_adapter_folder_without_weights_or_config_is_refused(saved, tmp_path):
