@@ -168,6 +168,14 @@ def train_generator(
         MissingFileError, CorruptFileError: `resume_from` is missing, incomplete or unreadable.
     """
     _check_arguments(epochs, batch_size, gradient_accumulation_steps, output_dir, checkpoint_every, resume_from)
+    output_dir = Path(output_dir) if output_dir is not None else None
+    resume_path = _resolve_resume(resume_from, output_dir)
+    if resume_path is None and output_dir is not None and checkpoint_every and latest_checkpoint(output_dir):
+        raise InvalidConfigError(
+            f"{output_dir / CHECKPOINTS_FOLDER} already holds training checkpoints (newest: "
+            f"{latest_checkpoint(output_dir).name}), and a fresh run would mix its checkpoints with theirs. Pass "
+            "resume_from='latest' to continue that run, or choose another output_dir (or delete the old one)."
+        )
     if accelerator is None:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
@@ -185,14 +193,6 @@ def train_generator(
             "is sharded across processes and peft-cvae's safetensors checkpoints do not gather it. The generator is "
             "small enough for plain data parallelism: launch without a DeepSpeed/FSDP config (DDP), or drop "
             "checkpoint_every / resume_from."
-        )
-    output_dir = Path(output_dir) if output_dir is not None else None
-    resume_path = _resolve_resume(resume_from, output_dir)
-    if resume_path is None and output_dir is not None and checkpoint_every and latest_checkpoint(output_dir):
-        raise InvalidConfigError(
-            f"{output_dir / CHECKPOINTS_FOLDER} already holds training checkpoints (newest: "
-            f"{latest_checkpoint(output_dir).name}), and a fresh run would mix its checkpoints with theirs. Pass "
-            "resume_from='latest' to continue that run, or choose another output_dir (or delete the old one)."
         )
 
     set_seed(seed)
@@ -454,7 +454,11 @@ def _load_checkpoint(directory: Path, generator, optimizer, scheduler, scaler, n
             "configuration (and bank) of the interrupted run."
         ) from error
 
-    tensors = read_safetensors(directory / OPTIMIZER_NAME, what="checkpoint optimizer state")
+    # Copies in memory of our own: load_state_dict keeps tensors of the right dtype and device as they are.
+    tensors = {
+        key: value.clone()
+        for key, value in read_safetensors(directory / OPTIMIZER_NAME, what="checkpoint optimizer state").items()
+    }
     saved = trainer_state["optimizer"]
     state = {int(param_id): dict(values) for param_id, values in saved["non_tensor_state"].items()}
     for key, value in tensors.items():
