@@ -86,6 +86,9 @@ def _move_into_place(staging: Path, destination: Path) -> None:
     """Move every file of `staging` into `destination`, rolling back all moves if one fails."""
     files = sorted(path for path in staging.rglob("*") if not path.is_dir())
     backup = staging / ".previous"  # hard links to the files being replaced, same file system as the destination
+    probe = staging / ".mode-probe"
+    open(probe, "xb").close()
+    mode = probe.stat().st_mode & 0o777  # what the umask gives a new file; safetensors writes 0600
     moved: list[tuple[Path, Path | None]] = []  # (target, its previous version or None if it is new)
     try:
         destination.mkdir(exist_ok=True)
@@ -101,6 +104,7 @@ def _move_into_place(staging: Path, destination: Path) -> None:
                     os.link(target, previous)
                 except OSError:  # a file system without hard links
                     shutil.copy2(target, previous)
+            os.chmod(source, mode)
             os.replace(source, target)
             moved.append((target, previous))
     except BaseException:

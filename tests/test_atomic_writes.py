@@ -141,6 +141,15 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == reference
 
 
+def test_saved_generator_files_get_ordinary_permissions(trained_generator, tmp_path):
+    """transformers writes model.safetensors through safetensors (0600); the saved folder is uniform."""
+    (tmp_path / "reference").write_text("x")
+    reference = (tmp_path / "reference").stat().st_mode & 0o777
+    trained_generator.save_pretrained(tmp_path / "generator")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "generator").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "config.json", "model.safetensors"], reference)
+
+
 # ---- atomic_directory ---------------------------------------------------------------------------------------------
 def write_version(folder: Path, version: int) -> None:
     write_json({"version": version}, folder / "config.json")
