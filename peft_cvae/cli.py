@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -713,6 +714,19 @@ def cmd_plot(args) -> int:
     return 0
 
 
+COLLECT_SPEC_HELP = """\
+task spec (JSON; relative paths are relative to the spec file):
+  [
+    {"name": "sport", "description": "match reports", "files": ["sport/*.txt"]},
+    {"name": "code", "description": "Python code", "dataset": "json",
+     "data_files": "code.jsonl", "text_column": "text", "split": "train"}
+  ]
+  files: text files, folders of *.txt or glob patterns, each file one document.
+  dataset: anything datasets.load_dataset accepts (a local folder, a builder such as
+  "json" with data_files, a Hub id when online); text_column defaults to "text".
+"""
+
+
 # ---- the parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -725,9 +739,14 @@ def build_parser() -> argparse.ArgumentParser:
     collect = commands.add_parser(
         "collect",
         help="fine-tune a LoRA per task and collect its checkpoints into a bank",
-        description="Fine-tune one LoRA per task of a spec file with transformers.Trainer, keep the checkpoints of "
-        "the last part of training (LoraCheckpointCallback), encode each task into a condition vector, and write a "
-        "LoRA bank folder.",
+        description=textwrap.fill(  # filled here: the raw formatter (for the spec example below) keeps lines as given
+            "Fine-tune one LoRA per task of a spec file with transformers.Trainer, keep the checkpoints of the last "
+            "part of training (LoraCheckpointCallback), encode each task into a condition vector, and write a LoRA "
+            "bank folder.",
+            width=88,
+        ),
+        epilog=COLLECT_SPEC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     collect.add_argument("--spec", required=True, help="JSON task spec: [{name, description, files | dataset}, ...]")
     collect.add_argument("--base-model", required=True, help="folder (or Hub id) of the causal LM and its tokenizer")
