@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from .configuration_peft_cvae import PeftCVAEConfig
 from .errors import (
@@ -159,29 +159,61 @@ class PeftCVAEDecoder(nn.Module):
         return self.to_patches(F.silu(self.norm(hidden)).transpose(1, 2))  # (B, L, P)
 
 
-def _check_local_generator_folder(path, subfolder: str = "") -> None:
-    """For a local generator folder, turn a missing or unreadable config.json or missing weights into a clear error
-    before transformers sees them (it would raise a bare OSError or TypeError). Hub repo ids pass through."""
-    folder = Path(path) / subfolder
-    if not folder.is_dir():
+_HUB_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "subfolder", "token")
+
+
+def _find_generator_file(path, name: str, kwargs: dict) -> Path | None | bool:
+    """Where a generator file is: a local path, None if the folder or repo has no such file, or False if that
+    cannot be told here (a Hub repo that cannot be reached: transformers then reports it)."""
+    subfolder = kwargs.get("subfolder", "")
+    if Path(path).is_dir():
+        candidate = Path(path) / subfolder / name
+        return candidate if candidate.is_file() else None
+    try:
+        found = cached_file(
+            path,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{key: kwargs[key] for key in _HUB_FILE_KWARGS if key in kwargs},
+        )
+    except (OSError, ValueError):  # no such repo or revision, an invalid repo id: transformers says so
+        return False
+    return Path(found) if found else None
+
+
+def _check_generator_files(path, kwargs: dict) -> None:
+    """Turn a missing or unreadable config.json, or missing weights (local folder or Hub repo), into a clear error
+    before transformers sees them: it would raise a bare OSError or TypeError, or on the Hub look for a conversion
+    pull request."""
+    config_file = _find_generator_file(path, "config.json", kwargs)
+    if config_file is False:
         return
-    data = read_json(folder / "config.json", what="generator config")
+    where = f"{path}/{kwargs['subfolder']}" if kwargs.get("subfolder") else str(path)
+    if config_file is None:
+        raise MissingFileError(
+            f"{where} has no config.json, so it is not a saved generator. Point to a folder or repo written by "
+            "PeftCVAEGenerator.save_pretrained or push_to_hub."
+        )
+    data = read_json(config_file, what="generator config")
     try:
         PeftCVAEConfig.from_dict(data)
     except PeftCVAEError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise InvalidConfigError(
-            f"The generator config {folder / 'config.json'} has a missing or wrongly typed field ({error}). Expected "
-            "the config.json that PeftCVAEGenerator.save_pretrained writes: save or download the generator again."
+            f"The generator config of {where} has a missing or wrongly typed field ({error}). Expected the "
+            "config.json that PeftCVAEGenerator.save_pretrained writes: save or download the generator again."
         ) from error
-    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+    if not any(
+        _find_generator_file(path, name, kwargs) for name in ("model.safetensors", "model.safetensors.index.json")
+    ):
         pickled = ""
-        if (folder / "pytorch_model.bin").is_file():
+        if _find_generator_file(path, "pytorch_model.bin", kwargs):
             pickled = "; pytorch_model.bin is never read: it is a pickle, which can run code"
         raise MissingFileError(
-            f"The generator folder {folder} has a config.json but no weights (expected model.safetensors{pickled}). "
-            "The folder is incomplete: save or download the generator again."
+            f"The generator at {where} has a config.json but no weights (expected model.safetensors{pickled}). "
+            "It is incomplete: save or download the generator again."
         )
 
 
@@ -250,7 +282,7 @@ class PeftCVAEGenerator(PreTrainedModel):
         unexpected or mismatched tensors, which transformers would otherwise initialise at random) raise a
         `PeftCVAEError` (`MissingFileError`, `CorruptFileError`, `InvalidConfigError`).
         """
-        _check_local_generator_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        _check_generator_files(pretrained_model_name_or_path, kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below as a CorruptFileError, not a RuntimeError

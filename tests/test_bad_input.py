@@ -494,7 +494,7 @@ def test_generator_folder_without_config_is_refused(saved, tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(MissingFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
-    assert_says(error, "config.json does not exist", "save the folder again")
+    assert_says(error, "has no config.json", "not a saved generator", "PeftCVAEGenerator.save_pretrained")
 
 
 def test_generator_folder_with_only_pickled_weights_is_refused(saved, tmp_path):
@@ -617,3 +617,48 @@ def test_every_error_class_is_a_peft_cvae_error_and_a_builtin():
     }
     for error_class, builtin in expected.items():
         assert issubclass(error_class, PeftCVAEError) and issubclass(error_class, builtin), error_class
+
+
+# ---- the same damage, downloaded from the Hub ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage, error_class, fragments",
+    [
+        (lambda d: truncate(d / "model.safetensors"), CorruptFileError, ["not a readable safetensors file"]),
+        (lambda d: (d / "config.json").write_text("{nope"), CorruptFileError, ["config.json is not valid JSON"]),
+        (lambda d: edit_json(d / "config.json", _set("task_names", 5)), InvalidConfigError, ["list of strings"]),
+        (lambda d: (d / "model.safetensors").unlink(), MissingFileError, ["no weights (expected model.safetensors)"]),
+        (
+            lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+            MissingFileError,
+            ["pytorch_model.bin is never read"],
+        ),
+    ],
+    ids=["truncated weights", "config not JSON", "config field", "no weights", "pickled weights only"],
+)
+def test_damaged_generator_repo_on_the_hub_is_refused(hub_env, saved, tmp_path, damage, error_class, fragments):
+    from huggingface_hub import HfApi
+
+    folder = copy_folder(saved / "generator", tmp_path / "generator")
+    damage(folder)
+    api = HfApi()
+    repo_id = api.create_repo(f"user/damaged-generator-{tmp_path.name}").repo_id
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    with pytest.raises(error_class) as error:
+        PeftCVAEGenerator.from_pretrained(repo_id)
+    assert_says(error, *fragments)
+
+
+def test_bank_repo_with_a_changed_checkpoint_on_the_hub_is_refused(hub_env, saved, tmp_path):
+    from huggingface_hub import HfApi
+
+    folder = copy_folder(saved / "bank", tmp_path / "bank")
+    checkpoint = folder / "checkpoints" / "00001.safetensors"
+    data = bytearray(checkpoint.read_bytes())
+    data[-3] ^= 0x01
+    checkpoint.write_bytes(bytes(data))
+    api = HfApi()
+    repo_id = api.create_repo("user/changed-bank", repo_type="dataset").repo_id
+    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset")
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_pretrained(repo_id)
+    assert_says(error, "00001.safetensors has sha256", "the bank manifest recorded")
