@@ -118,16 +118,10 @@ def train_style_lora(pipe, style: str, args, bank: LoraBank | None) -> LoraBank:
 
 
 def sample(pipe, prompt: str, args) -> torch.Tensor:
-    size = args.resolution if args.quick else 512
+    """One image (1, 3, H, W) at the pipeline's default size, from a fixed seed."""
     generator = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt,
-        num_inference_steps=2 if args.quick else 25,
-        height=size,
-        width=size,
-        generator=generator,
-        output_type="pt",
-    ).images
+    steps = 2 if args.quick else 25
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pt").images
 
 
 def main(argv=None) -> dict:
@@ -139,8 +133,7 @@ def main(argv=None) -> dict:
         pipe = tiny_stable_diffusion_pipeline(output / "tiny-pipeline")
         task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
     else:
-        dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None)  # float32: LoRA training
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         task_encoder = TextTaskEncoder()  # all-MiniLM-L6-v2
     pipe.set_progress_bar_config(disable=True)
