@@ -208,11 +208,11 @@ def _check_generator_files(path, kwargs: dict) -> None:
     if not any(
         _find_generator_file(path, name, kwargs) for name in ("model.safetensors", "model.safetensors.index.json")
     ):
-        pickled = ""
+        bin_note = ""
         if _find_generator_file(path, "pytorch_model.bin", kwargs):
-            pickled = "; pytorch_model.bin is never read: it is a pickle, which can run code"
+            bin_note = "; pytorch_model.bin is never read: it is a pickle, which can run code"
         raise MissingFileError(
-            f"The generator at {where} has a config.json but no weights (expected model.safetensors{pickled}). "
+            f"The generator at {where} has a config.json but no weights (expected model.safetensors{bin_note}). "
             "It is incomplete: save or download the generator again."
         )
 
