@@ -199,12 +199,13 @@ def train_generator(
     dataset = TensorDataset(bank.vectors(), bank.checkpoint_conditions())  # (K, N), (K, cond)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), seed))
     optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=weight_decay)
-    # Counted on the unprepared loader: accelerate's scheduler steps once per process at every optimizer step.
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+    model, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
+    # The schedule counts optimizer steps of the global batch, so its state means the same on any number of
+    # processes (a prepared scheduler would step once per process) and a run can resume on another process count.
+    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)  # len: this process's share
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(warmup_ratio * epochs * steps_per_epoch), epochs * steps_per_epoch
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
     noise_generator = torch.Generator().manual_seed(seed)  # reparameterisation noise, identical on every process
     global_batch_size = batch_size * accelerator.num_processes
     run = {
@@ -253,8 +254,9 @@ def train_generator(
                 accelerator.backward(output.loss)
                 if max_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # a no-op between accumulation steps
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
             totals += torch.stack([output.loss, output.reconstruction_loss, output.kl_loss]).detach().float()
         totals = accelerator.reduce(totals / len(loader), reduction="mean")

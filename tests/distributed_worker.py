@@ -32,8 +32,11 @@ def train(bank, **kwargs):
 
 
 def train_on_each_rank(bank, out_dir: Path) -> None:
-    """Runs in every forked process: train with half the global batch, write this rank's weights and history."""
-    generator, history = train(bank, batch_size=GLOBAL_BATCH // 2)
+    """Runs in every forked process: train with half the global batch, write this rank's weights and history.
+
+    The main process also writes a resumable checkpoint at epoch 4 and the final generator under OUT_DIR/run.
+    """
+    generator, history = train(bank, batch_size=GLOBAL_BATCH // 2, output_dir=out_dir / "run", checkpoint_every=4)
     state = PartialState()
     write_safetensors(generator.state_dict(), out_dir / f"rank{state.process_index}.safetensors")
     info = {"num_processes": state.num_processes, "backend": state.backend, "history": history}

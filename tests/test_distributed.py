@@ -50,6 +50,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(bank, tmp_pa
     assert distributed_losses == pytest.approx([record["loss"] for record in single_history], rel=1e-4)
     assert distributed_losses[-1] < distributed_losses[0]  # and it learned something
 
+    # The 2-process run's checkpoint resumes in 1 process (same global batch) and ends at the same weights.
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "checkpoint-epoch-000004",
+        "checkpoint-epoch-000008",
+    ]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-epoch-000004"
+    resumed, resumed_history = train(bank, batch_size=GLOBAL_BATCH, resume_from=checkpoint)
+    assert resumed_history[:4] == ranks[0]["history"][:4]
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
 
 def test_same_seed_gives_bit_identical_weights_in_one_process(bank, fresh_accelerate_state):
     first, first_history = train(bank, batch_size=GLOBAL_BATCH)
