@@ -174,7 +174,8 @@ def train_generator(
         raise InvalidConfigError(
             f"{output_dir / CHECKPOINTS_FOLDER} already holds training checkpoints (newest: "
             f"{latest_checkpoint(output_dir).name}), and a fresh run would mix its checkpoints with theirs. Pass "
-            "resume_from='latest' to continue that run, or choose another output_dir (or delete the old one)."
+            "resume_from='latest' (CLI: --resume latest) to continue that run, or choose another output_dir (or "
+            "delete the old one)."
         )
     if accelerator is None:
         accelerator = Accelerator(

@@ -102,3 +102,22 @@ def test_tensorboard_tracker_logs_every_epoch(bank, tmp_path, fresh_accelerate_s
     logged = events.Scalars("loss")
     assert [event.step for event in logged] == list(range(1, EPOCHS + 1))
     assert [event.value for event in logged] == pytest.approx([record["loss"] for record in history], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("multi_gpu.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED"), ("fsdp.yaml", "FSDP")],
+)
+def test_documented_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(REPO_ROOT / "docs" / "accelerate_configs" / name)
+    assert config.distributed_type.value == kind
+    assert config.mixed_precision == "bf16" and config.num_processes > 1
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
+    if kind == "FSDP":  # the shard unit must be a module class of the generator
+        from peft_cvae.modeling_peft_cvae import PeftCVAEGenerator
+
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in PeftCVAEGenerator._no_split_modules
+    assert f'--8<-- "docs/accelerate_configs/{name}"' in (REPO_ROOT / "docs" / "distributed.md").read_text()
