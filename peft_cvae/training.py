@@ -208,7 +208,9 @@ def train_generator(
         optimizer, int(warmup_ratio * epochs * steps_per_epoch), epochs * steps_per_epoch
     )
     noise_generator = torch.Generator().manual_seed(seed)  # reparameterisation noise, identical on every process
-    global_batch_size = batch_size * accelerator.num_processes
+    # Process r holds rows r * b ... (r + 1) * b - 1 of every global batch of b * P checkpoints (b = per process).
+    per_process_batch = batch_size // accelerator.num_processes if accelerator.split_batches else batch_size
+    global_batch_size = per_process_batch * accelerator.num_processes
     run = {
         "seed": seed,
         "epochs": epochs,
@@ -246,10 +248,10 @@ def train_generator(
         loader.set_epoch(epoch)  # -> EpochShuffleSampler.set_epoch: this epoch's permutation
         totals = torch.zeros(3, device=accelerator.device)  # summed loss, reconstruction, kl over batches
         for params, condition in loader:
-            # Noise for the whole global batch, drawn on every process; this process's samples are rows
-            # rank * b ... rank * b + len(params), as accelerate gives process r the r-th batch of every b * P.
+            # Noise for the whole global batch, drawn on every process; this process takes its own samples' rows.
             noise = torch.randn(global_batch_size, latent_size, generator=noise_generator)
-            noise = noise[rank * batch_size : rank * batch_size + params.shape[0]].to(accelerator.device)
+            first = rank * per_process_batch
+            noise = noise[first : first + params.shape[0]].to(accelerator.device)
             with accelerator.accumulate(model):
                 output = model(params, condition, noise=noise)
                 accelerator.backward(output.loss)
