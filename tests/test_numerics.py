@@ -3,7 +3,8 @@
 - A bank whose tensors differ in scale by 1e4 (LoRA B x 1e2, LoRA A x 1e-2) trains with a finite, falling loss:
   per-tensor normalisation puts every tensor on the same footing, and generated adapters land nearest their own task.
 - bf16 mixed precision (accelerate's CPU autocast; checked to be really active) gives finite generated adapters.
-  fp16 runs where accelerate can autocast fp16 on this machine, and is skipped with the reason otherwise.
+  fp16 through accelerate runs where accelerate can autocast fp16 (a GPU) and is skipped with the reason otherwise;
+  fp16 numerics always run with torch's CPU autocast and a gradient scaler.
 - A generator with broken weights (NaN) or a normalisation that overflows the adapters' dtype refuses to generate,
   and an adapter holding NaN/Inf refuses to be saved or loaded: nothing is written and base models are untouched.
 """
@@ -101,13 +102,45 @@ def test_bf16_mixed_precision_training_gives_finite_adapters(bank, fresh_acceler
 def test_fp16_mixed_precision_training_gives_finite_adapters(bank, fresh_accelerate_state):
     probe = Accelerator(mixed_precision="fp16")
     if not probe.native_amp:
-        pytest.skip(f"accelerate does not autocast fp16 on {probe.device} (native_amp=False); bf16 is tested instead")
+        pytest.skip(
+            f"accelerate does not autocast fp16 on {probe.device} (native_amp=False); the model's fp16 numerics are "
+            "tested with torch's own CPU autocast in test_fp16_autocast_numerics_of_the_generator_on_cpu"
+        )
     generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
     history, dtypes = autocast_dtypes_during_training(generator, bank, "fp16")
     assert torch.float16 in dtypes
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     for task in TASKS:
         adapter = generator.generate_adapter(task, seed=1)
+        assert all(torch.isfinite(tensor).all() for tensor in adapter.state_dict.values())
+
+
+def test_fp16_autocast_numerics_of_the_generator_on_cpu(bank):
+    """Where accelerate cannot autocast fp16 (CPU), torch can: train and generate under fp16 autocast with a gradient
+    scaler, on the badly scaled bank, as a GPU fp16 run would compute."""
+    scaled = rescaled_bank(bank, a_scale=1e-2, b_scale=1e2)
+    torch.manual_seed(0)
+    generator = PeftCVAEGenerator.from_bank(scaled, **small_generator_overrides()).train()
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    params, conditions = scaled.vectors(), scaled.checkpoint_conditions()
+    dtypes, losses = set(), []
+    hook = generator.decoder.to_patches.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    for _ in range(30):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = generator(params, conditions).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    generator.eval()
+    with torch.autocast("cpu", dtype=torch.float16):
+        adapters = [generator.generate_adapter(task, seed=2, num_samples=2) for task in TASKS]
+    hook.remove()
+    assert torch.float16 in dtypes, dtypes
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    for adapter in (sample for samples in adapters for sample in samples):
         assert all(torch.isfinite(tensor).all() for tensor in adapter.state_dict.values())
 
 
