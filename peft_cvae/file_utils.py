@@ -159,7 +159,10 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
             "it again."
         ) from error
     if not isinstance(data, dict):
-        raise CorruptFileError(f"The {what} {path} holds a JSON {type(data).__name__}, expected an object.")
+        raise CorruptFileError(
+            f"The {what} {path} holds a JSON {type(data).__name__}, expected an object. The file is corrupted or "
+            "not what it should be: download or save it again."
+        )
     return data
 
 

@@ -446,7 +446,10 @@ class PeftCVAEGenerator(PreTrainedModel):
                 "task with the same encoder as the training conditions."
             )
         if batch_size is not None and condition.shape[0] != batch_size:
-            raise ConditionError(f"Got {condition.shape[0]} conditions for {batch_size} LoRA vectors.")
+            raise ConditionError(
+                f"Got {condition.shape[0]} conditions for {batch_size} LoRA vectors; expected one per vector. Pass "
+                f"one task vector of size {self.config.condition_size} (a 1-D tensor) per adapter to generate."
+            )
         if not torch.isfinite(condition).all():
             raise ConditionError("The condition contains NaN or Inf; check the task encoder's output.")
         return condition.to(device=self.param_offset.device, dtype=self.param_offset.dtype)
