@@ -167,7 +167,15 @@ def train_generator(
             checkpoint of another run, or checkpointing under DeepSpeed/FSDP.
         MissingFileError, CorruptFileError: `resume_from` is missing, incomplete or unreadable.
     """
-    _check_arguments(epochs, batch_size, gradient_accumulation_steps, output_dir, checkpoint_every, resume_from)
+    _check_arguments(
+        epochs,
+        batch_size,
+        gradient_accumulation_steps,
+        output_dir,
+        checkpoint_every,
+        keep_last_checkpoints,
+        resume_from,
+    )
     output_dir = Path(output_dir) if output_dir is not None else None
     resume_path = _resolve_resume(resume_from, output_dir)
     if resume_path is None and output_dir is not None and checkpoint_every and latest_checkpoint(output_dir):
@@ -228,8 +236,9 @@ def train_generator(
 
     history, start_epoch = [], 0
     if resume_path is not None:
-        state = _load_checkpoint(resume_path, generator, optimizer, scheduler, accelerator.scaler, noise_generator)
-        _check_same_run(state["run"], run, resume_path)
+        state = _load_checkpoint(
+            resume_path, run, generator, optimizer, scheduler, accelerator.scaler, noise_generator
+        )
         history, start_epoch = state["history"], state["epoch"]
         logger.info("Resumed from %s: %d of %d epochs done.", resume_path, start_epoch, epochs)
 
@@ -319,7 +328,9 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------------
-def _check_arguments(epochs, batch_size, gradient_accumulation_steps, output_dir, checkpoint_every, resume_from):
+def _check_arguments(
+    epochs, batch_size, gradient_accumulation_steps, output_dir, checkpoint_every, keep_last_checkpoints, resume_from
+):
     if epochs < 1 or batch_size < 1 or gradient_accumulation_steps < 1:
         raise ValueError(
             f"epochs, batch_size and gradient_accumulation_steps must be >= 1, got epochs={epochs}, "
@@ -327,6 +338,10 @@ def _check_arguments(epochs, batch_size, gradient_accumulation_steps, output_dir
         )
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise InvalidConfigError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}.")
+    if keep_last_checkpoints is not None and (not isinstance(keep_last_checkpoints, int) or keep_last_checkpoints < 1):
+        raise InvalidConfigError(
+            f"keep_last_checkpoints must be a positive number or None (keep all), got {keep_last_checkpoints!r}."
+        )
     if checkpoint_every and output_dir is None:
         raise InvalidConfigError(
             f"checkpoint_every={checkpoint_every} needs output_dir= to know where to write the checkpoints."
@@ -440,8 +455,12 @@ def _save_checkpoint(directory, *, state_dict, optimizer, scheduler, scaler, noi
         write_json(trainer_state, staging / TRAINER_STATE_NAME)
 
 
-def _load_checkpoint(directory: Path, generator, optimizer, scheduler, scaler, noise_generator) -> dict:
-    """Restore everything `_save_checkpoint` wrote into live objects; returns the trainer state."""
+def _load_checkpoint(directory: Path, run: dict, generator, optimizer, scheduler, scaler, noise_generator) -> dict:
+    """Restore everything `_save_checkpoint` wrote into live objects; returns the trainer state.
+
+    Every file is read and checked before anything is restored, so a checkpoint of another run or a damaged one
+    raises without touching the generator or the optimizer.
+    """
     trainer_state = read_json(directory / TRAINER_STATE_NAME, what="trainer state")
     if trainer_state.get("format_version") != CHECKPOINT_FORMAT_VERSION or not all(
         key in trainer_state for key in ("epoch", "history", "run", "optimizer", "scheduler", "rng")
@@ -450,45 +469,54 @@ def _load_checkpoint(directory: Path, generator, optimizer, scheduler, scaler, n
             f"{directory / TRAINER_STATE_NAME} is not a peft-cvae trainer state of format {CHECKPOINT_FORMAT_VERSION} "
             "(fields missing or another version). Resume from a checkpoint written by this version of peft-cvae."
         )
+    if not isinstance(trainer_state["run"], dict):
+        raise CorruptFileError(f"{directory / TRAINER_STATE_NAME} has no valid 'run' record; the file is damaged.")
+    _check_same_run(trainer_state["run"], run, directory)
+
     model_state = read_safetensors(directory / MODEL_NAME, what="checkpoint model weights")
-    try:
-        generator.load_state_dict(model_state)
-    except RuntimeError as error:
+    expected = {key: tuple(value.shape) for key, value in generator.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in model_state.items()}
+    if found != expected:
+        differing = sorted(set(found) ^ set(expected)) or [key for key in expected if found[key] != expected[key]]
         raise InvalidConfigError(
-            f"The checkpoint {directory} holds weights of another generator ({error}). Resume with the generator "
-            "configuration (and bank) of the interrupted run."
-        ) from error
-
-    # Copies in memory of our own: load_state_dict keeps tensors of the right dtype and device as they are.
-    tensors = {
-        key: value.clone()
-        for key, value in read_safetensors(directory / OPTIMIZER_NAME, what="checkpoint optimizer state").items()
-    }
-    saved = trainer_state["optimizer"]
-    state = {int(param_id): dict(values) for param_id, values in saved["non_tensor_state"].items()}
-    for key, value in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = value
-    groups = saved["param_groups"]
-    for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
-        for key, value in group.items():
-            if isinstance(current.get(key), tuple):
-                group[key] = tuple(value)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    if scaler is not None and trainer_state.get("scaler") is not None:
-        scaler.load_state_dict(trainer_state["scaler"])
-
+            f"The checkpoint {directory} holds weights of another generator (keys or shapes differ: "
+            f"{', '.join(differing[:5])}). Resume with the generator configuration of the interrupted run."
+        )
+    optimizer_tensors = read_safetensors(directory / OPTIMIZER_NAME, what="checkpoint optimizer state")
     rng = read_safetensors(directory / RNG_STATE_NAME, what="checkpoint RNG state")
-    noise_generator.set_state(rng["noise_generator"])
-    torch.set_rng_state(rng["torch_cpu"])
+    try:
+        saved = trainer_state["optimizer"]
+        state = {int(param_id): dict(values) for param_id, values in saved["non_tensor_state"].items()}
+        for key, value in optimizer_tensors.items():
+            _, param_id, name = key.split(".", 2)
+            # A copy in memory of our own: load_state_dict keeps a tensor of the right dtype and device as it is.
+            state.setdefault(int(param_id), {})[name] = value.clone()
+        groups = saved["param_groups"]
+        for group, current in zip(groups, optimizer.param_groups, strict=True):  # JSON made tuples (betas) lists
+            for key, value in group.items():
+                if isinstance(current.get(key), tuple):
+                    group[key] = tuple(value)
+        numpy_kind, numpy_position, numpy_has_gauss, numpy_gauss = trainer_state["rng"]["numpy"]
+        numpy_state = (numpy_kind, rng["numpy_key"].numpy().astype(np.uint32), numpy_position, numpy_has_gauss)
+        python_version, python_internal, python_gauss = trainer_state["rng"]["python"]
+
+        # Objects of this call first; the generator (already checked to fit) and the global generators last.
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        if scaler is not None and trainer_state.get("scaler") is not None:
+            scaler.load_state_dict(trainer_state["scaler"])
+        noise_generator.set_state(rng["noise_generator"])
+        generator.load_state_dict(model_state)
+        torch.set_rng_state(rng["torch_cpu"])
+        np.random.set_state((*numpy_state, numpy_gauss))
+        random.setstate((python_version, tuple(python_internal), python_gauss))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as error:
+        raise CorruptFileError(
+            f"The checkpoint {directory} is damaged: its optimizer, scheduler or RNG state cannot be restored "
+            f"({type(error).__name__}: {error}). Resume from another checkpoint."
+        ) from error
     if torch.cuda.is_available():
         cuda_states = [rng[key] for key in sorted(rng) if key.startswith("torch_cuda.")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-    numpy_kind, numpy_position, numpy_has_gauss, numpy_gauss = trainer_state["rng"]["numpy"]
-    key = rng["numpy_key"].numpy().astype(np.uint32)
-    np.random.set_state((numpy_kind, key, numpy_position, numpy_has_gauss, numpy_gauss))
-    python_version, python_internal, python_gauss = trainer_state["rng"]["python"]
-    random.setstate((python_version, tuple(python_internal), python_gauss))
     return trainer_state

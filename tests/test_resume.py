@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_cvae import InvalidConfigError, MissingFileError, PeftCVAEGenerator, train_generator
-from peft_cvae.file_utils import read_json, read_safetensors
+from peft_cvae import CorruptFileError, InvalidConfigError, MissingFileError, PeftCVAEGenerator, train_generator
+from peft_cvae.file_utils import read_json, read_safetensors, write_json, write_safetensors
 from peft_cvae.training import latest_checkpoint
 from tests.resume_worker import EPOCHS, TRAINING, new_generator
 
@@ -161,8 +161,51 @@ def test_resuming_with_other_arguments_is_refused(bank, tmp_path, finished_run):
         ({"checkpoint_every": 2}, "needs output_dir"),
         ({"resume_from": "latest"}, "pass output_dir"),
         ({"checkpoint_every": 0, "output_dir": "x"}, "positive number of epochs"),
+        ({"keep_last_checkpoints": 0}, "keep_last_checkpoints must be a positive number"),
     ],
 )
 def test_checkpoint_arguments_are_checked_before_anything_runs(arguments, message):
     with pytest.raises(InvalidConfigError, match=message):
         train_generator(None, None, **arguments)
+
+
+def _copy_checkpoint(source: Path, destination: Path) -> Path:
+    destination.mkdir(parents=True)
+    for file in source.iterdir():
+        (destination / file.name).write_bytes(file.read_bytes())
+    return destination
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        ("truncated weights", CorruptFileError, "not a readable safetensors file"),
+        ("scheduler state", CorruptFileError, "cannot be restored"),
+        ("trainer state fields", CorruptFileError, "fields missing"),
+        ("another generator", InvalidConfigError, "weights of another generator"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_and_the_generator_left_as_it_was(
+    bank, tmp_path, finished_run, damage, error, message
+):
+    run_dir, _, _ = finished_run
+    checkpoint = _copy_checkpoint(run_dir / "checkpoints" / "checkpoint-epoch-000006", tmp_path / "checkpoint")
+    trainer_state = read_json(checkpoint / "trainer_state.json")
+    if damage == "truncated weights":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "scheduler state":
+        trainer_state["scheduler"] = ["not", "a", "state", "dict"]
+    elif damage == "trainer state fields":
+        del trainer_state["optimizer"]
+    elif damage == "another generator":
+        weights = read_safetensors(checkpoint / "model.safetensors")
+        weights["decoder.to_patches.bias"] = torch.zeros(3)
+        write_safetensors(weights, checkpoint / "model.safetensors")
+    write_json(trainer_state, checkpoint / "trainer_state.json")
+
+    generator = new_generator(bank, init_seed=5)
+    before = {key: value.clone() for key, value in generator.state_dict().items()}
+    with pytest.raises(error, match=message):
+        train_generator(generator, bank, resume_from=checkpoint, **TRAINING)
+    _assert_same_weights(generator.state_dict(), before)
