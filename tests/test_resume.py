@@ -120,6 +120,19 @@ def test_resume_in_process_from_a_checkpoint_continues_exactly(bank, tmp_path, f
     assert latest_checkpoint(tmp_path).name == "checkpoint-epoch-000009"
 
 
+def test_resume_latest_continues_from_the_newest_checkpoint(bank, tmp_path, finished_run):
+    run_dir, reference_weights, reference_history = finished_run
+    for name in ("checkpoint-epoch-000006", "checkpoint-epoch-000009"):
+        _copy_checkpoint(run_dir / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    generator = new_generator(bank, init_seed=9)
+    history = train_generator(
+        generator, bank, output_dir=tmp_path, checkpoint_every=3, resume_from="latest", **TRAINING
+    )  # one epoch left
+    assert history == reference_history
+    _assert_same_weights(generator.state_dict(), reference_weights)
+    _assert_same_weights(PeftCVAEGenerator.from_pretrained(tmp_path).state_dict(), reference_weights)
+
+
 def test_latest_skips_an_incomplete_checkpoint(finished_run, tmp_path):
     run_dir, _, _ = finished_run
     for name in ("checkpoint-epoch-000003", "checkpoint-epoch-000004"):
