@@ -600,6 +600,36 @@ def test_read_only_output_folder_is_refused_and_nothing_is_written(trained_gener
         read_only.chmod(0o700)
 
 
+@pytest.mark.parametrize("what", ["generator", "adapter", "bank"])
+def test_permission_denied_on_the_output_folder_is_refused(trained_generator, bank, tmp_path, monkeypatch, what):
+    """What a read-only folder does for a non-root user, simulated so it also runs as root (as in CI containers)."""
+    from peft_cvae import file_utils
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    savers = _savers(trained_generator, bank)
+    monkeypatch.setattr(file_utils.tempfile, "mkdtemp", denied)
+    with pytest.raises(NotWritableError) as error:
+        savers[what](tmp_path / "out")
+    assert isinstance(error.value, OSError)
+    assert_says(error, "Cannot write to", "Permission denied", "choose a folder you have write access to")
+    assert listing(tmp_path) == []
+
+
+def test_permission_denied_for_a_single_file_is_refused(tmp_path, monkeypatch):
+    from peft_cvae import file_utils
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(file_utils, "open", denied, raising=False)
+    with pytest.raises(NotWritableError) as error:
+        file_utils.write_json({"a": 1}, tmp_path / "a.json")
+    assert_says(error, "Cannot write to", "Permission denied")
+    assert listing(tmp_path) == []
+
+
 def test_generator_refused_at_load_leaves_no_model_behind(saved, tmp_path):
     """A failed load returns nothing and writes nothing into the folder it read."""
     folder = copy_folder(saved / "generator", tmp_path / "generator")
