@@ -198,6 +198,12 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
                 f"The adapter weights in {path_str} are not a readable safetensors file ({error}). "
                 "The file is corrupted or truncated: save or download it again."
             ) from error
+        if type(error).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met something not a tensor
+            raise CorruptFileError(
+                f"The legacy adapter_model.bin in {path_str} was refused: it holds objects other than tensors, which "
+                f"could run code when unpickled ({str(error).splitlines()[0]}). Expected a plain state dict; ask for "
+                "the adapter as adapter_model.safetensors, and do not load this file elsewhere either."
+            ) from error
         raise
     return config_dict, state_dict
 

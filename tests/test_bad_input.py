@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import IA3Config, LoHaConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_cvae import (
@@ -295,8 +295,6 @@ def test_checkpoint_with_nan_or_inf_is_refused(bank, tmp_path, bad):
 def test_bank_folder_with_a_nan_checkpoint_is_refused(saved, tmp_path):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
     checkpoint = folder / "checkpoints" / "00002.safetensors"
-    from safetensors.torch import load_file
-
     tensors = load_file(checkpoint)
     first = sorted(tensors)[0]
     tensors[first][0, 0] = float("nan")
@@ -371,8 +369,6 @@ def test_bank_manifest_with_a_malformed_checksum_is_refused(saved, tmp_path):
 def test_bank_checkpoint_with_another_dtype_is_refused(saved, tmp_path):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
     checkpoint = folder / "checkpoints" / "00000.safetensors"
-    from safetensors.torch import load_file
-
     save_file({key: value.double() for key, value in load_file(checkpoint).items()}, checkpoint)
     drop_checksums(folder)
     with pytest.raises(CorruptFileError) as error:
@@ -700,3 +696,36 @@ def test_bank_repo_with_a_changed_checkpoint_on_the_hub_is_refused(hub_env, save
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(repo_id)
     assert_says(error, "00001.safetensors has sha256", "the bank manifest recorded")
+
+
+# ---- legacy pickled adapter weights -------------------------------------------------------------------------------
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious .bin file does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_legacy_bin_adapter_with_code_in_it_is_refused_without_running_it(saved, tmp_path):
+    folder = copy_folder(saved / "peft_adapter", tmp_path / "adapter")
+    state_dict = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**state_dict, "payload": _RunsCode(marker)}, folder / "adapter_model.bin")
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_adapters({"a": [folder]})
+    assert_says(error, "adapter_model.bin", "was refused", "could run code", "adapter_model.safetensors")
+    assert not marker.exists()
+
+
+def test_legacy_bin_adapter_of_plain_tensors_is_read(saved, tmp_path, bank):
+    folder = copy_folder(saved / "peft_adapter", tmp_path / "adapter")
+    state_dict = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(state_dict, folder / "adapter_model.bin")
+    loaded = LoraBank.from_adapters({"a": [folder]})
+    expected = bank.layout.flatten(bank.checkpoints[0].state_dict)
+    assert torch.equal(loaded.layout.flatten(loaded.checkpoints[0].state_dict), expected)
