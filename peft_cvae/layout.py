@@ -201,8 +201,8 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
         if type(error).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met something not a tensor
             raise CorruptFileError(
                 f"The legacy adapter_model.bin in {path_str} was refused: it holds objects other than tensors, which "
-                f"could run code when unpickled ({str(error).splitlines()[0]}). Expected a plain state dict; ask for "
-                "the adapter as adapter_model.safetensors, and do not load this file elsewhere either."
+                "could run code when unpickled. Expected a plain state dict; ask for the adapter as "
+                "adapter_model.safetensors, and do not load this file with weights_only=False elsewhere either."
             ) from error
         raise
     return config_dict, state_dict
