@@ -69,8 +69,6 @@ def test_same_seed_gives_bit_identical_weights_in_one_process(bank, fresh_accele
     assert first_history == second_history
     for (key, value), other in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(value, other), key
-    third, _ = train(bank, batch_size=GLOBAL_BATCH, seed=1)
-    assert not torch.equal(third.decoder.to_patches.weight, first.decoder.to_patches.weight)
 
 
 def test_bf16_mixed_precision_on_cpu_stays_finite(bank, fresh_accelerate_state):
