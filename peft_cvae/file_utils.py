@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFileError, MissingFileError, NotWritableError
 
-__all__ = ["atomic_directory", "read_json", "read_safetensors", "sha256_file", "write_json", "write_safetensors"]
+__all__ = [
+    "atomic_directory",
+    "check_data_sha256",
+    "read_json",
+    "read_safetensors",
+    "sha256_file",
+    "stamp_data_sha256",
+    "write_json",
+    "write_safetensors",
+]
 
 
 @contextlib.contextmanager
@@ -196,3 +206,70 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# safetensors stores no checksum, so a flipped bit in tensor data loads as a plausible number. Files peft-cvae writes
+# through transformers (a generator's model.safetensors) carry the SHA-256 of their data section in their metadata.
+DATA_SHA256_KEY = "peft_cvae_data_sha256"
+
+
+def _safetensors_data_offset(path: Path) -> tuple[dict, int] | None:
+    """(metadata, offset of the data section) of a safetensors file, or None if its header does not parse (the
+    safetensors loader then reports that, with its own error)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return None
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            return None
+        try:
+            header = json.loads(file.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        return None
+    return header.get("__metadata__", {}), 8 + length
+
+
+def _sha256_from(path: Path, offset: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stamp_data_sha256(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file (same tensors, same data bytes) with the SHA-256 of its data in its metadata."""
+    path = Path(path)
+    tensors = load_file(str(path))
+    metadata, offset = _safetensors_data_offset(path)
+    digest = _sha256_from(path, offset)
+    for _ in range(2):  # the data section does not depend on the metadata; the second pass only guards that
+        write_safetensors(tensors, path, metadata={**metadata, DATA_SHA256_KEY: digest})
+        _, offset = _safetensors_data_offset(path)
+        written = _sha256_from(path, offset)
+        if written == digest:
+            return
+        digest = written
+    raise RuntimeError(f"The data of {path} changed between two identical writes; it was not stamped.")
+
+
+def check_data_sha256(path: str | os.PathLike, *, what: str = "weights file") -> None:
+    """Raise `CorruptFileError` if a safetensors file stamped by `stamp_data_sha256` no longer matches its hash.
+    Unstamped files (written by other tools) and unparsable headers pass: the loader reports the latter."""
+    path = Path(path)
+    parsed = _safetensors_data_offset(path)
+    if parsed is None or not parsed[0].get(DATA_SHA256_KEY):
+        return
+    metadata, offset = parsed
+    found = _sha256_from(path, offset)
+    if found != metadata[DATA_SHA256_KEY]:
+        raise CorruptFileError(
+            f"The {what} {path} has tensor data with sha256 {found[:12]}..., but the file recorded "
+            f"{str(metadata[DATA_SHA256_KEY])[:12]}... when it was saved: it changed or was damaged since. Save or "
+            "download it again."
+        )

@@ -59,7 +59,7 @@ from .errors import (
     PeftCVAEError,
     UnknownTaskError,
 )
-from .file_utils import atomic_directory, read_json
+from .file_utils import atomic_directory, check_data_sha256, read_json, stamp_data_sha256
 from .model_card import create_hub_repo, generator_model_card, training_summary, upload_folder_to_hub
 
 __all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
@@ -215,6 +215,9 @@ def _check_generator_files(path, kwargs: dict) -> None:
             f"The generator at {where} has a config.json but no weights (expected model.safetensors{bin_note}). "
             "It is incomplete: save or download the generator again."
         )
+    weights = _find_generator_file(path, "model.safetensors", kwargs)
+    if weights:
+        check_data_sha256(weights, what="generator weights")  # a flipped bit in tensor data would load silently
 
 
 class PeftCVAEGenerator(PreTrainedModel):
@@ -340,6 +343,8 @@ class PeftCVAEGenerator(PreTrainedModel):
             if is_main_process:  # all files at once: a crash mid-save leaves the previous version whole
                 with atomic_directory(save_directory) as staging:
                     super().save_pretrained(staging, is_main_process=True, **kwargs)
+                    for weights in staging.glob("*.safetensors"):  # safetensors has no checksum: record one
+                        stamp_data_sha256(weights)
                     generator_model_card(self, model_id=os.fspath(save_directory)).save(staging / "README.md")
             else:
                 super().save_pretrained(save_directory, is_main_process=False, **kwargs)

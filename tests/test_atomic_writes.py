@@ -41,14 +41,16 @@ def partial_save_file(tensors, filename, metadata=None):
     raise SimulatedCrash(f"crash while writing {filename}")
 
 
-def failing_replace_on_call(monkeypatch, failing_call: int):
+def failing_replace_on_call(monkeypatch, failing_call: int, into: Path | None = None):
     """Make the `failing_call`-th os.replace raise (after the earlier ones succeeded); later calls work again.
-    Returns the list of (source, target) of the calls up to the failing one."""
+    With `into`, only moves into that folder count. Returns the (source, target) of the counted calls up to the
+    failing one."""
     real_replace = os.replace
     calls = []
 
     def replace(source, target, *args, **kwargs):
-        if len(calls) < failing_call:  # record up to the failing call, not the rollback after it
+        counted = into is None or Path(target).parent == into
+        if counted and len(calls) < failing_call:  # record up to the failing call, not the rollback after it
             calls.append((source, target))
         if len(calls) == failing_call and not getattr(replace, "failed", False):
             replace.failed = True
@@ -268,7 +270,7 @@ def test_generator_save_crash_keeps_the_previous_generator(trained_generator, ba
     if crash == "weights":
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", partial_save_file)
     else:
-        calls = failing_replace_on_call(monkeypatch, 2)  # the second file moved into place
+        calls = failing_replace_on_call(monkeypatch, 2, into=tmp_path / "generator")  # the second file moved in
     with pytest.raises(SimulatedCrash):
         other.save_pretrained(tmp_path / "generator")
     monkeypatch.undo()

@@ -320,14 +320,21 @@ def test_damaged_adapter_weights_are_refused(saved, tmp_path, damage):
         assert_says(error, "not a readable safetensors file", "corrupted or truncated", "save or download it again")
 
 
-@pytest.mark.parametrize("damage", [truncate, corrupt_header], ids=["truncated", "corrupted"])
-def test_damaged_generator_weights_are_refused(saved, tmp_path, damage):
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (truncate, ["has tensor data with sha256", "changed or was damaged since", "save or download it again"]),
+        (corrupt_header, ["not a readable safetensors file", "truncated or corrupted", "download the generator"]),
+    ],
+    ids=["truncated", "corrupted header"],
+)
+def test_damaged_generator_weights_are_refused(saved, tmp_path, damage, fragments):
     folder = copy_folder(saved / "generator", tmp_path / "generator")
     damage(folder / "model.safetensors")
     with pytest.raises(CorruptFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
     assert isinstance(error.value, OSError)
-    assert_says(error, "not a readable safetensors file", "truncated or corrupted", "save or download the generator")
+    assert_says(error, *fragments)
 
 
 @pytest.mark.parametrize("damage", [truncate, corrupt_header], ids=["truncated", "corrupted"])
@@ -657,7 +664,8 @@ def test_every_error_class_is_a_peft_cvae_error_and_a_builtin():
 @pytest.mark.parametrize(
     "damage, error_class, fragments",
     [
-        (lambda d: truncate(d / "model.safetensors"), CorruptFileError, ["not a readable safetensors file"]),
+        (lambda d: truncate(d / "model.safetensors"), CorruptFileError, ["changed or was damaged since"]),
+        (lambda d: corrupt_header(d / "model.safetensors"), CorruptFileError, ["not a readable safetensors file"]),
         (lambda d: (d / "config.json").write_text("{nope"), CorruptFileError, ["config.json is not valid JSON"]),
         (lambda d: edit_json(d / "config.json", _set("task_names", 5)), InvalidConfigError, ["list of strings"]),
         (lambda d: (d / "model.safetensors").unlink(), MissingFileError, ["no weights (expected model.safetensors)"]),
@@ -667,7 +675,7 @@ def test_every_error_class_is_a_peft_cvae_error_and_a_builtin():
             ["pytorch_model.bin is never read"],
         ),
     ],
-    ids=["truncated weights", "config not JSON", "config field", "no weights", "pickled weights only"],
+    ids=["truncated weights", "corrupted header", "config not JSON", "config field", "no weights", "pickle only"],
 )
 def test_damaged_generator_repo_on_the_hub_is_refused(hub_env, saved, tmp_path, damage, error_class, fragments):
     from huggingface_hub import HfApi
@@ -729,3 +737,17 @@ def test_legacy_bin_adapter_of_plain_tensors_is_read(saved, tmp_path, bank):
     loaded = LoraBank.from_adapters({"a": [folder]})
     expected = bank.layout.flatten(bank.checkpoints[0].state_dict)
     assert torch.equal(loaded.layout.flatten(loaded.checkpoints[0].state_dict), expected)
+
+
+def test_generator_weights_with_a_flipped_bit_in_tensor_data_are_refused(saved, tmp_path, trained_generator):
+    """safetensors has no checksum; the generator's model.safetensors records the SHA-256 of its data section."""
+    folder = copy_folder(saved / "generator", tmp_path / "generator")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # low bits of a float32 of the last tensor: finite and plausible
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError) as error:
+        PeftCVAEGenerator.from_pretrained(folder)
+    assert_says(error, "model.safetensors has tensor data with sha256", "when it was saved", "save or download")
+    loaded = PeftCVAEGenerator.from_pretrained(saved / "generator")  # the intact copy loads, bit for bit
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained_generator.state_dict().items())
