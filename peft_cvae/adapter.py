@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .errors import LayoutMismatchError, NonFiniteError
-from .file_utils import atomic_directory, write_safetensors
+from .file_utils import atomic_directory, stamp_data_sha256, write_safetensors
 from .layout import LoraLayout, lora_config_to_dict
 from .model_card import adapter_model_card, create_hub_repo, upload_folder_to_hub
 
@@ -79,6 +79,7 @@ class GeneratedAdapter:
         with atomic_directory(save_directory) as staging:
             self.peft_config.save_pretrained(staging)
             write_safetensors(self.state_dict, staging / ADAPTER_WEIGHTS_NAME, metadata=provenance)
+            stamp_data_sha256(staging / ADAPTER_WEIGHTS_NAME)  # checked when peft-cvae reads it back
             if self.layout.library == "diffusers":
                 from .diffusers_utils import save_diffusers_lora_weights
 

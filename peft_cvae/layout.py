@@ -27,6 +27,7 @@ from .errors import (
     NonFiniteError,
     UnsupportedAdapterError,
 )
+from .file_utils import check_data_sha256
 
 __all__ = ["LIBRARIES", "LoraLayout", "adapter_library", "load_adapter", "lora_config_to_dict"]
 
@@ -185,6 +186,8 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
             f"{path_str} has an adapter_config.json but no adapter weights (expected adapter_model.safetensors). "
             "Save the adapter again with `PeftModel.save_pretrained`."
         )
+    if is_local and (Path(path_str) / weight_files[0]).is_file():  # adapters peft-cvae wrote carry a data hash
+        check_data_sha256(Path(path_str) / weight_files[0], what="adapter weights")
     try:
         state_dict = load_peft_weights(path_str, device="cpu", **hub_kwargs)
     except FileNotFoundError as error:

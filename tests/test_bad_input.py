@@ -751,3 +751,17 @@ def test_generator_weights_with_a_flipped_bit_in_tensor_data_are_refused(saved, 
     assert_says(error, "model.safetensors has tensor data with sha256", "when it was saved", "save or download")
     loaded = PeftCVAEGenerator.from_pretrained(saved / "generator")  # the intact copy loads, bit for bit
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained_generator.state_dict().items())
+
+
+def test_generated_adapter_with_a_flipped_bit_in_tensor_data_is_refused(saved, tmp_path):
+    """Adapters peft-cvae writes record the SHA-256 of their data; PEFT still loads them (the hash is metadata)."""
+    folder = copy_folder(saved / "adapter", tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError) as error:
+        LoraBank.from_adapters({"a": [folder]})
+    assert_says(error, "adapter weights", "has tensor data with sha256", "changed or was damaged since")
+    intact = LoraBank.from_adapters({"a": [saved / "adapter"]})
+    assert len(intact) == 1
