@@ -46,11 +46,7 @@ def atomic_directory(destination: str | os.PathLike):
     destination = Path(destination)
     _check_writable_destination(destination)
     created = _first_missing_ancestor(destination)  # the folder this call will create, if any
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    except OSError as error:
-        raise _not_writable(destination, error) from error
+    staging = _make_staging(destination)
     try:
         yield staging
         _move_into_place(staging, destination)
@@ -60,6 +56,24 @@ def atomic_directory(destination: str | os.PathLike):
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_staging(destination: Path) -> Path:
+    """A new hidden folder on the destination's file system (so files move with a rename): beside the destination,
+    or inside it when that fails (a read-only parent of a writable folder) or when the destination is a mount point."""
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _not_writable(destination, error) from error
+    parents = [destination.parent]
+    if destination.is_dir():
+        parents.insert(0 if os.path.ismount(destination) else 1, destination)
+    for parent in parents:
+        try:
+            return Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=parent))
+        except OSError as error:
+            failure = error
+    raise _not_writable(destination, failure) from failure
 
 
 def _first_missing_ancestor(path: Path) -> Path | None:

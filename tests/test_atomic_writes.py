@@ -324,3 +324,29 @@ def test_sigkill_mid_save_leaves_the_previous_bank_and_a_clearly_named_leftover(
     assert torch.equal(loaded.vectors(), bank.vectors())
     manifest = json.loads((tmp_path / "bank" / "bank.json").read_text())
     assert len(manifest["checkpoints"]) == len(bank) == 12
+
+
+def test_saving_into_a_writable_folder_whose_parent_is_read_only_works(trained_generator, tmp_path, monkeypatch):
+    """The staging folder goes beside the destination, or inside it when the parent refuses (simulated, so it also
+    runs as root); the save is as complete and as clean either way."""
+    destination = tmp_path / "shared" / "mine"
+    destination.mkdir(parents=True)
+    real_mkdtemp = file_utils.tempfile.mkdtemp
+
+    def parent_refuses(*args, dir=None, **kwargs):
+        if Path(dir) == destination.parent:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(file_utils.tempfile, "mkdtemp", parent_refuses)
+    adapter = trained_generator.generate_adapter("ascending", seed=0)
+    adapter.save_pretrained(destination)
+    trained_generator.save_pretrained(destination / "generator")  # a new folder inside: its parent is writable
+    monkeypatch.undo()
+    assert sorted(path.name for path in destination.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "generator",
+    ]
+    assert_adapter_folder_is(destination, adapter)
+    assert leftovers(tmp_path) == []
