@@ -83,7 +83,9 @@ def run_step(name: str, argv: list[str], outputs: Path, settings: dict) -> None:
 
 
 def write_texts(texts: list[str], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """One file per text; the folder holds exactly these texts (files of an earlier run with more are removed)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     for index, text in enumerate(texts):
         (folder / f"{index:04d}.txt").write_text(text + "\n", encoding="utf-8")
 
@@ -106,9 +108,8 @@ def main(argv=None) -> None:
     spec = []
     for domain in args.domains:
         train_dir, test_dir = work / "data" / domain / "train", work / "data" / domain / "test"
-        if not (train_dir.exists() and test_dir.exists()):
-            write_texts(load_domain_texts(domain, "train", max_texts=args.train_texts), train_dir)
-            write_texts(load_domain_texts(domain, "test", max_texts=args.eval_texts), test_dir)
+        write_texts(load_domain_texts(domain, "train", max_texts=args.train_texts), train_dir)
+        write_texts(load_domain_texts(domain, "test", max_texts=args.eval_texts), test_dir)
         spec.append({"name": domain, "description": DOMAINS[domain], "files": [f"data/{domain}/train/*.txt"]})
     (work / "tasks.json").write_text(json.dumps(spec, indent=2) + "\n")
     settings = {"base": str(base), "texts": [args.train_texts, args.eval_texts], "data": _fingerprint(work / "data")}
@@ -132,7 +133,8 @@ def main(argv=None) -> None:
     for domain in args.domains:
         generated = work / "generated" / domain
         argv = ["generate", str(generator), "--description", DOMAINS[domain], "--temperature", "0"]
-        run_step(f"3/4 generated LoRA for {domain}", [*argv, "--output", str(generated)], generated, {})
+        outputs = [*argv, "--output", str(generated)]
+        run_step(f"3/4 generated LoRA for {domain}", outputs, generated, {"generator": _fingerprint(generator)})
         scores = work / "scores" / f"{domain}.json"
         evaluate = ["evaluate", "--base-model", str(base), "--texts", str(work / "data" / domain / "test")]
         evaluate += ["--adapter", f"original={loras / domain}", "--adapter", f"generated={generated}"]
@@ -156,11 +158,12 @@ def write_soup(bank_dir: Path, folder: Path) -> None:
 
 
 def _fingerprint(folder: Path) -> str:
-    """A hash of the names and sizes of a folder's files: changes when the data or a previous step changes."""
+    """A hash of a folder's file names and contents: changes when the data or the result of a previous step does."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+            digest.update(f"{path.relative_to(folder)}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
