@@ -116,7 +116,7 @@ def plot_task_vectors(
             task), or a `LoraBank`, whose checkpoints are plotted one point each (flattened LoRA weights).
         path: where to write the PNG (parent folders are created).
         method: `"tsne"` (scikit-learn; PCA when it is missing or for fewer than 5 points) or `"pca"`.
-        title: the figure title; by default it says what was plotted and how.
+        title: the figure title (the projection used is appended); by default it says what was plotted and how.
         seed: random state of t-SNE.
 
     Returns:
@@ -135,7 +135,7 @@ def plot_task_vectors(
         axes.scatter(projected[rows, 0], projected[rows, 1], s=40, color=colours(index % 10), label=task)
     axes.set_xlabel(f"{used} 1")
     axes.set_ylabel(f"{used} 2")
-    axes.set_title(title or f"{what}: {used}, coloured by task")
+    axes.set_title(f"{title} ({used})" if title else f"{what}: {used}, coloured by task")
     axes.legend(loc="best", fontsize="small")
     return _save(figure, path, plt)
 
