@@ -479,7 +479,7 @@ def _condition(args, generator):
 def cmd_generate(args) -> int:
     from .modeling_peft_cvae import PeftCVAEGenerator
 
-    generator = PeftCVAEGenerator.from_pretrained(_model_path(str(_existing_path(args.generator, "generator")))).eval()
+    generator = PeftCVAEGenerator.from_pretrained(_model_path(args.generator)).eval()  # a folder or a Hub repo id
     task = _condition(args, generator)
     adapters = generator.generate_adapter(
         task, num_samples=args.num_samples, seed=args.seed, temperature=args.temperature

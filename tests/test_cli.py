@@ -177,6 +177,26 @@ def test_generate_by_task_name_matches_the_library(workspace, tmp_path):
     assert model.active_adapter == "first"
 
 
+def test_generate_from_a_hub_repo_id(workspace, tmp_path, hub_env):
+    generator = PeftCVAEGenerator.from_pretrained(workspace["generator"])
+    generator.push_to_hub("cli-user/cli-generator")
+    out = tmp_path / "from-hub"
+    assert main(["generate", "cli-user/cli-generator", "--task", "numbers", "--seed", "3", "--output", str(out)]) == 0
+    expected = generator.eval().generate_adapter("numbers", seed=3).state_dict
+    written = load_file(out / "adapter_model.safetensors")
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[key], tensor) for key, tensor in expected.items())
+
+
+def test_generate_from_a_missing_repo_is_one_line(workspace, tmp_path, hub_env, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "cli-user/no-such-generator", "--task", "numbers", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no-such-generator" in error
+    assert not (tmp_path / "x").exists()
+
+
 def test_generate_from_a_description_and_several_samples(workspace, tmp_path):
     out = tmp_path / "described"
     args = ["generate", str(workspace["generator"]), "--description", "numbers in a list", "--output", str(out)]
