@@ -195,8 +195,16 @@ class LoraBank:
                 f"The bank's other conditions came from {self.condition_encoder}, not {spec}. Encode every task with "
                 "the same task encoder."
             )
-        for task, text in tasks.items():
-            self.set_condition(task, encoder.encode(text), description=text if isinstance(text, str) else None)
+        encoded = {task: encoder.encode(text) for task, text in tasks.items()}  # a failure here changes nothing
+        previous = dict(self._conditions), dict(self._descriptions)
+        if not set(self._conditions) - set(tasks):
+            self._conditions.clear()  # every task is re-encoded: the new encoder may have another size
+        try:
+            for task, text in tasks.items():
+                self.set_condition(task, encoded[task], description=text if isinstance(text, str) else None)
+        except ConditionError:
+            self._conditions, self._descriptions = previous
+            raise
         self.condition_encoder = spec
 
     @classmethod

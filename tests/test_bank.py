@@ -69,3 +69,22 @@ def test_bank_manifest_pointing_to_a_missing_file_is_a_clear_error(bank, tmp_pat
     (tmp_path / "bank" / "checkpoints" / "00003.safetensors").unlink()
     with pytest.raises(MissingFileError, match="00003.safetensors"):
         LoraBank.from_pretrained(tmp_path / "bank")
+
+
+def test_re_encoding_every_task_may_change_the_condition_size_but_a_partial_one_may_not(bank, tmp_path):
+    import copy
+
+    from peft_cvae import ConditionError, TextTaskEncoder
+    from tests.testing_utils import save_tiny_text_encoder
+
+    encoder = TextTaskEncoder(save_tiny_text_encoder(tmp_path / "encoder"))  # 16 numbers; the bank has 8
+    bank = copy.deepcopy(bank)
+    before = {task: bank.condition(task) for task in bank.task_names}
+    with pytest.raises(ConditionError, match="same task encoder"):
+        bank.encode_conditions(encoder, {bank.task_names[0]: "numbers going up"})
+    assert all(torch.equal(bank.condition(task), before[task]) for task in bank.task_names)  # left as it was
+
+    bank.encode_conditions(encoder, {task: f"numbers {task}" for task in bank.task_names})
+    assert bank.condition_size == 16
+    assert bank.condition_encoder == encoder.to_dict()
+    assert torch.equal(bank.condition(bank.task_names[1]), encoder.encode(f"numbers {bank.task_names[1]}"))
