@@ -112,7 +112,7 @@ def markdown(rows: list[dict], preset: str) -> str:
         "domain's own checkpoints, worst domain, next to that domain's checkpoint spread; PPL ratio to the original "
         "LoRA, worst domain, when scored.",
         "",
-        "| variant | parameters | train s (wall, shared CPU) | final recon. MSE | to own mean (spread) | worst PPL ratio |",
+        "| variant | parameters | train s (wall) | final recon. MSE | to own mean (spread) | worst PPL ratio |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
