@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_cvae.evaluation import evaluate_language_model, language_model_metric
+from tests.testing_utils import tiny_llama
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 TEXTS = [
@@ -31,17 +32,7 @@ def make_tokenizer(special_tokens: bool = True) -> PreTrainedTokenizerFast:
 
 
 def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, vocab_size=vocab_size, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

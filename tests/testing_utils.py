@@ -9,7 +9,7 @@ VOCAB_SIZE = 64
 TASKS = ("ascending", "descending", "repeating")
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = 64) -> LlamaForCausalLM:
     """A 2-layer Llama with hidden size 16; the same seed gives the same weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -18,8 +18,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
     )
     return LlamaForCausalLM(config).eval()
 
