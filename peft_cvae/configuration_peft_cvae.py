@@ -46,6 +46,12 @@ class PeftCVAEConfig(PretrainedConfig):
             `generate_adapter("a description")` rebuild the same encoder after `from_pretrained`.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of weights.
+        task_memory (`bool`, defaults to `False`):
+            Keep each training task's mean checkpoint (normalised) in the generator and add to the decoder's output
+            the task means weighted by `softmax(cosine(condition, task condition) / temperature)`, with a learned
+            temperature; the convolutional decoder then models what a checkpoint adds to its task's mean. Costs one
+            checkpoint's size per task. Use it when the plain decoder decodes close to the bank mean for every task
+            (see docs/benchmarks.md): its shared output projection cannot express arbitrary per-task differences.
     """
 
     model_type = "peft_cvae"
@@ -62,6 +68,7 @@ class PeftCVAEConfig(PretrainedConfig):
     task_descriptions: list[str] | None = None
     condition_encoder: dict | None = None
     initializer_range: float = 0.02
+    task_memory: bool = False
 
     def __post_init__(self, **kwargs):
         for name in ("task_names", "task_descriptions"):
@@ -105,6 +112,8 @@ class PeftCVAEConfig(PretrainedConfig):
             raise InvalidConfigError(
                 f"PeftCVAEConfig.kernel_size must be odd to keep the length, got {self.kernel_size}."
             )
+        if not isinstance(self.task_memory, bool):
+            raise InvalidConfigError(f"PeftCVAEConfig.task_memory must be true or false, got {self.task_memory!r}.")
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise InvalidConfigError(f"PeftCVAEConfig.kl_weight must be a number >= 0, got {self.kl_weight!r}.")
         if len(self.task_descriptions) != len(self.task_names):

@@ -34,6 +34,7 @@ mean buffer, i.e. about one checkpoint.
 """
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -159,6 +160,24 @@ class PeftCVAEDecoder(nn.Module):
         return self.to_patches(F.silu(self.norm(hidden)).transpose(1, 2))  # (B, L, P)
 
 
+class TaskMemory(nn.Module):
+    """The training tasks' mean checkpoints (normalised), mixed by how close a condition is to each task's condition.
+
+    Used when `config.task_memory` is set: a condition equal to a training task's gives (almost) that task's mean
+    once the temperature has been learned; a new condition gives a similarity-weighted average of the task means.
+    """
+
+    def __init__(self, num_tasks: int, numel: int):
+        super().__init__()
+        self.register_buffer("task_means", torch.zeros(num_tasks, numel))  # (T, N), persistent: saved and reloaded
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, condition: torch.Tensor, task_conditions: torch.Tensor) -> torch.Tensor:
+        similarity = F.cosine_similarity(condition[:, None, :], task_conditions[None], dim=-1)  # (B, T)
+        weights = torch.softmax(similarity / self.log_temperature.exp(), dim=-1)  # (B, T)
+        return weights @ self.task_means.to(weights)  # (B, N)
+
+
 _HUB_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "subfolder", "token")
 
 
@@ -242,6 +261,7 @@ class PeftCVAEGenerator(PreTrainedModel):
         self.register_buffer("task_conditions", torch.zeros(len(config.task_names), config.condition_size))
         self.encoder = PeftCVAEEncoder(config)
         self.decoder = PeftCVAEDecoder(config)
+        self.task_memory = TaskMemory(len(config.task_names), layout.numel) if config.task_memory else None
         self._index_cache = {}
         self.post_init()
 
@@ -252,6 +272,8 @@ class PeftCVAEGenerator(PreTrainedModel):
         if getattr(module, "is_output_layer", False):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        if isinstance(module, TaskMemory):
+            init.constant_(module.log_temperature, math.log(0.1))  # sharp enough to pick a task from the start
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -274,6 +296,12 @@ class PeftCVAEGenerator(PreTrainedModel):
             model.param_offset.copy_(offset)
             model.param_scale.copy_(scale)
             model.task_conditions.copy_(bank.condition_matrix())
+            if model.task_memory is not None:
+                normalized = model.normalize(vectors)  # (K, N)
+                tasks = [checkpoint.task for checkpoint in bank.checkpoints]
+                for index, task in enumerate(config.task_names):
+                    rows = [row for row, name in enumerate(tasks) if name == task]
+                    model.task_memory.task_means[index] = normalized[rows].mean(dim=0)
         return model
 
     @classmethod
@@ -467,7 +495,14 @@ class PeftCVAEGenerator(PreTrainedModel):
     def decode(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Latents (B, Z) and conditions (B, cond) -> raw flat LoRA vectors (B, N)."""
         condition = self._check_condition(condition, latent.shape[0])
-        return self.denormalize(self.unpatchify(self.decoder(latent, condition)))
+        return self.denormalize(self._decode_normalized(latent, condition))
+
+    def _decode_normalized(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, Z), (B, cond) -> normalised flat vectors (B, N): the decoder, plus the task memory when there is one."""
+        decoded = self.unpatchify(self.decoder(latent, condition))  # (B, N)
+        if self.task_memory is not None:
+            decoded = decoded + self.task_memory(condition, self.task_conditions)
+        return decoded
 
     def forward(
         self,
@@ -500,7 +535,7 @@ class PeftCVAEGenerator(PreTrainedModel):
             latent = mean + noise * torch.exp(0.5 * log_variance)  # reparameterisation
         else:
             latent = mean
-        reconstruction = self.unpatchify(self.decoder(latent, condition))  # (B, N)
+        reconstruction = self._decode_normalized(latent, condition)  # (B, N)
         reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
         kl_loss = (-0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp())).sum(dim=-1).mean()
         loss = reconstruction_loss + self.config.kl_weight * kl_loss

@@ -153,3 +153,43 @@ def test_from_bank_trains_in_bfloat16_mixed_precision_without_nan(bank, fresh_ac
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     adapter = generator.generate_adapter("ascending", seed=0)
     assert all(torch.isfinite(t).all() for t in adapter.state_dict.values())
+
+
+@pytest.fixture(scope="module")
+def memory_generator(bank):
+    generator = PeftCVAEGenerator.from_bank(bank, task_memory=True, **small_generator_overrides())
+    train_generator(generator, bank, epochs=30, lr=3e-3, batch_size=4, show_progress=False)
+    return generator.eval()
+
+
+def _task_mean(bank, task):
+    return torch.stack([bank.layout.flatten(c.state_dict) for c in bank.checkpoints_of(task)]).mean(dim=0)
+
+
+def test_task_memory_decodes_each_task_at_its_own_checkpoint_mean(bank, memory_generator):
+    means = {task: _task_mean(bank, task) for task in bank.task_names}
+    for task in bank.task_names:
+        generated = bank.layout.flatten(memory_generator.generate_adapter(task, temperature=0).state_dict)
+        own = (generated - means[task]).norm()
+        others = min((generated - means[other]).norm() for other in bank.task_names if other != task)
+        assert own < 0.05 * others, (task, own, others)
+
+
+def test_task_memory_mixes_task_means_for_a_condition_between_two_tasks(bank, memory_generator):
+    first, second = bank.task_names[:2]
+    adapter = memory_generator.generate_adapter([first, second], weights=[0.5, 0.5], temperature=0)
+    generated = bank.layout.flatten(adapter.state_dict)
+    apart = (_task_mean(bank, first) - _task_mean(bank, second)).norm()
+    assert (generated - _task_mean(bank, first)).norm() < apart
+    assert (generated - _task_mean(bank, second)).norm() < apart
+
+
+def test_task_memory_survives_save_and_load_bit_identically(memory_generator, tmp_path):
+    memory_generator.save_pretrained(tmp_path)
+    loaded = PeftCVAEGenerator.from_pretrained(tmp_path)
+    assert loaded.config.task_memory is True
+    assert torch.equal(loaded.task_memory.task_means, memory_generator.task_memory.task_means)
+    task = memory_generator.config.task_names[0]
+    expected = memory_generator.generate_adapter(task, seed=3).state_dict
+    actual = loaded.generate_adapter(task, seed=3).state_dict
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
