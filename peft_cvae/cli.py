@@ -377,7 +377,15 @@ def cmd_collect(args) -> int:
 
 
 # ---- train ---------------------------------------------------------------------------------------------------------
-GENERATOR_SIZE_FLAGS = ("latent_size", "hidden_channels", "num_layers", "patch_size", "kernel_size", "kl_weight")
+GENERATOR_SIZE_FLAGS = (
+    "latent_size",
+    "hidden_channels",
+    "num_layers",
+    "patch_size",
+    "kernel_size",
+    "kl_weight",
+    "task_memory",
+)
 
 
 def cmd_train(args) -> int:
@@ -836,6 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--patch-size", type=_positive_int, default=None, help="LoRA parameters per token")
     sizes.add_argument("--kernel-size", type=_positive_int, default=None, help="odd conv kernel size")
     sizes.add_argument("--kl-weight", type=_non_negative_float, default=None, help="beta of the KL term")
+    sizes.add_argument(
+        "--task-memory",
+        action="store_true",
+        default=None,
+        help="keep each task's mean checkpoint in the generator and decode around it (PeftCVAEConfig.task_memory)",
+    )
     train.set_defaults(handler=cmd_train)
 
     generate = commands.add_parser(
