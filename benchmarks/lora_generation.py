@@ -136,6 +136,14 @@ PRESETS = {
         best_of_k=2,
         **_CPU,
     ),
+    # full-cpu with PeftCVAEConfig.task_memory: the second design, after full-cpu showed the plain decoder collapse.
+    "full-cpu-memory": Settings(
+        domains=["business", "politics", "man_pages", "sport", "tech", "python_code"],
+        leave_one_out=["sport", "python_code", "man_pages"],
+        fusion_pairs=[["sport", "tech"], ["python_code", "man_pages"]],
+        best_of_k=2,
+        **{**_CPU, "generator_overrides": {**_CPU["generator_overrides"], "task_memory": True}},
+    ),
     "quick": Settings(
         domains=["sport", "tech", "python_code"],
         leave_one_out=["tech"],
