@@ -396,7 +396,10 @@ def cmd_train(args) -> int:
     bank = LoraBank.from_pretrained(_existing_path(args.bank, "bank folder"))
     overrides = {name: getattr(args, name) for name in GENERATOR_SIZE_FLAGS if getattr(args, name) is not None}
     generator = PeftCVAEGenerator.from_bank(bank, **overrides)
-    print(
+    # Under `accelerate launch` / torchrun, print from rank 0 only. (Not PartialState().print: creating the shared
+    # state before train_generator's Accelerator would fix it to one process when ACCELERATE_USE_CPU=1.)
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *args, **kwargs: None)
+    say(
         f"Training a generator ({generator.num_parameters():,} parameters) on {len(bank)} checkpoints of "
         f"{len(bank.task_names)} tasks for {args.epochs} epochs"
     )
@@ -421,8 +424,8 @@ def cmd_train(args) -> int:
     )
     if history:
         seconds = time.perf_counter() - start
-        print(f"Loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in {seconds:.0f} s")
-    print(f"Wrote the generator to {args.output}")
+        say(f"Loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in {seconds:.0f} s")
+    say(f"Wrote the generator to {args.output}")
     return 0
 
 
