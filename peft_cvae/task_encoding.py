@@ -242,19 +242,28 @@ class HiddenStateTaskEncoder:
             for start in range(0, len(token_lists), self.batch_size):
                 input_ids, attention_mask = self._pad(token_lists[start : start + self.batch_size])  # (b, T) each
                 position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # counted over real tokens only
-                output = self.model(
+                last_layer = self._last_hidden_state(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     position_ids=position_ids.to(device),
-                    output_hidden_states=True,
-                )
-                last_layer = output.hidden_states[-1]  # (b, T, H)
+                )  # (b, T, H)
                 positions = torch.arange(attention_mask.shape[1])
                 last_real = (attention_mask * positions).argmax(dim=-1).to(device)  # (b,) works for either padding
                 states.append(last_layer[torch.arange(len(last_real), device=device), last_real].float().cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(states)  # (B, H)
+
+    def _last_hidden_state(self, **inputs) -> torch.Tensor:
+        # The backbone without its LM head (e.g. LlamaModel inside LlamaForCausalLM) returns the same last hidden
+        # state as `output_hidden_states=True` on the full model, without computing (b, T, vocab) logits.
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PeftModel
+        backbone = getattr(model, "base_model", model)
+        if backbone is not model:
+            output = backbone(**inputs)
+            if getattr(output, "last_hidden_state", None) is not None:
+                return output.last_hidden_state
+        return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
 
     def encode(self, task) -> torch.Tensor:
         """Example texts of a task (a list; one string counts as one example) -> their mean last-token state (H,)."""

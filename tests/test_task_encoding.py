@@ -1,10 +1,12 @@
 """Task encoders: text (BERT-like and CLIP) and in-context hidden states (ICM-LoRA Eq. 1), specs and caching."""
 
+import copy
 import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LMHeadModel
 
@@ -137,6 +139,28 @@ def test_hidden_state_encoder_is_the_mean_last_real_token_state(tiny_lm_and_toke
     assert states.shape == (3, 16) and states.dtype == torch.float32
     assert torch.allclose(states, torch.stack(expected), atol=1e-5)
     assert torch.allclose(encoder.encode(EXAMPLES), torch.stack(expected).mean(dim=0), atol=1e-5)
+
+
+def test_hidden_state_encoder_skips_the_lm_head_and_sees_an_active_lora(tiny_lm_and_tokenizer):
+    model, tokenizer = tiny_lm_and_tokenizer
+    model = copy.deepcopy(model)  # get_peft_model below injects LoRA layers in place
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    plain = HiddenStateTaskEncoder(model, tokenizer).encode(EXAMPLES)
+    assert head_calls == []  # no (batch, tokens, vocab) logits computed for a hidden state
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapted = HiddenStateTaskEncoder(peft_model, tokenizer).encode(EXAMPLES)
+    with torch.no_grad():  # Eq. 1 by hand through the PeftModel, LoRA active
+        expected = torch.stack(
+            [
+                peft_model(**tokenizer(t, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0, -1]
+                for t in EXAMPLES
+            ]
+        ).mean(dim=0)
+    assert torch.allclose(adapted, expected, atol=1e-5)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the LoRA changed the state
+    assert head_calls == [1] * len(EXAMPLES)  # only the hand computation above ran the head
 
 
 def tiny_gpt2():
