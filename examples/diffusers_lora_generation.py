@@ -128,9 +128,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output).expanduser()
     if args.quick:
-        from quick_assets import save_tiny_text_encoder, tiny_stable_diffusion_pipeline
+        from quick_assets import save_tiny_stable_diffusion_pipeline, save_tiny_text_encoder
 
-        pipe = tiny_stable_diffusion_pipeline(output / "tiny-pipeline")
+        pipe = save_tiny_stable_diffusion_pipeline(output / "tiny-pipeline")
         task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None)  # float32: LoRA training

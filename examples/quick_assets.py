@@ -18,14 +18,14 @@ import json
 import random
 from pathlib import Path
 
-import torch
+from peft_cvae.testing_utils import tiny_bert, tiny_llama, tiny_stable_diffusion_pipeline
 
 __all__ = [
     "QUICK_DESCRIPTIONS",
     "quick_texts",
     "save_tiny_causal_lm",
+    "save_tiny_stable_diffusion_pipeline",
     "save_tiny_text_encoder",
-    "tiny_stable_diffusion_pipeline",
 ]
 
 QUICK_VOCABULARIES = {
@@ -57,7 +57,7 @@ def _all_words() -> list[str]:
 def save_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
     """Save a random 2-layer Llama and a word-level tokenizer to `folder`; return the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = Path(folder)
     vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *_all_words()])}
@@ -66,50 +66,35 @@ def save_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
     )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    model = tiny_llama(
+        seed,
         vocab_size=len(vocab),
-        max_position_embeddings=64,
         pad_token_id=vocab["[PAD]"],
         eos_token_id=vocab["[EOS]"],
         bos_token_id=None,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 def save_tiny_text_encoder(folder: str | Path, seed: int = 0) -> Path:
     """Save a random 1-layer BERT sentence encoder (hidden size 16) and its WordPiece tokenizer to `folder`."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = [*SPECIAL_TOKENS, *_all_words()]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
+    tiny_bert(len(vocab), seed).save_pretrained(folder)
     return folder
 
 
-def tiny_stable_diffusion_pipeline(folder: str | Path, seed: int = 0):
+def save_tiny_stable_diffusion_pipeline(folder: str | Path, seed: int = 0):
     """A complete `StableDiffusionPipeline` of tiny random models (16x16 images), saved to and loaded from `folder`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,50 +104,6 @@ def tiny_stable_diffusion_pipeline(folder: str | Path, seed: int = 0):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    unet = UNet2DConditionModel(  # DESIGN.md §4: the smallest UNet diffusers builds
-        block_out_channels=(4, 8),
-        norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_stable_diffusion_pipeline(tokenizer, seed)
     pipe.save_pretrained(folder / "pipeline")
     return StableDiffusionPipeline.from_pretrained(folder / "pipeline")

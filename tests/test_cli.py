@@ -11,10 +11,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_cvae import LoraBank, PeftCVAEGenerator
 from peft_cvae.cli import main
+from peft_cvae.testing_utils import tiny_bert, tiny_llama
 
 COMMANDS = ["collect", "train", "generate", "evaluate", "info", "plot"]
 TASK_TEXTS = {  # three easily told apart "domains"
@@ -63,34 +64,16 @@ def workspace(tmp_path_factory):
     """Base model, sentence encoder, task texts and spec files in folders; then one collect and one train run."""
     root = tmp_path_factory.mktemp("cli")
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=64,
-            initializer_range=0.3,  # larger random logits, so that a few LoRA steps visibly change them
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    base = tiny_llama(
+        vocab_size=len(tokenizer),
+        initializer_range=0.3,  # larger random logits, so that a few LoRA steps visibly change them
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    encoder = BertModel(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        )
-    )
+    encoder = tiny_bert(len(tokenizer))
     encoder.save_pretrained(root / "encoder")
     tokenizer.save_pretrained(root / "encoder")
 
@@ -336,16 +319,7 @@ def test_user_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):
     assert "bank.json" in err
     assert "not a LoRA bank" in user_mistake(["info", str(tmp_path)], capsys)
     # An adapter of another base model (hidden size 32, not 16) is refused, not silently half-loaded.
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=64,
-        )
-    )
+    other = tiny_llama(hidden_size=32)
     get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
     texts = str(workspace["root"] / "held_out" / "numbers")
     err = user_mistake(

@@ -13,12 +13,12 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
 
 from peft_cvae import (  # noqa: E402
     CorruptFileError,
@@ -34,27 +34,12 @@ from peft_cvae.diffusers_utils import (  # noqa: E402
     get_diffusers_lora_state_dict,
     load_diffusers_lora,
 )
+from peft_cvae.testing_utils import tiny_stable_diffusion_pipeline, tiny_unet  # noqa: E402
 from tests.testing_utils import small_generator_overrides  # noqa: E402
 
 RANK, ALPHA = 2, 6  # alpha != r on purpose: diffusers would rescale by r / alpha if it lost the alpha
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TASKS = {"negate": lambda x: -x, "flip": lambda x: x.flip(-1), "shift": lambda x: x.roll(3, dims=-2)}
-
-
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).eval()
 
 
 def unet_lora_config() -> LoraConfig:
@@ -96,40 +81,7 @@ def tiny_pipeline(folder) -> StableDiffusionPipeline:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).eval()
-    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return tiny_stable_diffusion_pipeline(tokenizer)
 
 
 def strip(state_dict):

@@ -24,26 +24,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from peft_cvae.testing_utils import tiny_llama
 from tests.hub_server import LocalHubServer
-
-
-def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config()).eval()
-
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 63]])
 

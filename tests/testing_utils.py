@@ -3,25 +3,11 @@
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from peft_cvae.testing_utils import tiny_bert, tiny_llama
 
 VOCAB_SIZE = 64
 TASKS = ("ascending", "descending", "repeating")
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = 64) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 16; the same seed gives the same weights."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_lora_config(**overrides) -> LoraConfig:
@@ -102,7 +88,7 @@ def save_tiny_text_encoder(folder, kind: str = "bert", seed: int = 0) -> str:
     """
     from pathlib import Path
 
-    from transformers import BertConfig, BertModel, BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +100,7 @@ def save_tiny_text_encoder(folder, kind: str = "bert", seed: int = 0) -> str:
     text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64}
     clip_text = {**text, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # CLIP pools at the [SEP] token
     if kind == "bert":
-        model = BertModel(BertConfig(**text))
+        model = tiny_bert(len(vocab), seed)
     elif kind == "clip_text":
         model = CLIPTextModel(CLIPTextConfig(**clip_text))
     elif kind == "clip":
