@@ -59,3 +59,17 @@ def test_benchmark_tiny_preset_writes_complete_finite_results(tmp_path):
     again = benchmark.main(arguments)
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == before
     assert again["seen"] == results["seen"]
+
+    # The design comparison table of the full reports reads each design's saved results.
+    history_dir = tmp_path / "history"
+    history_dir.mkdir()
+    for preset in ("full-cpu", "full-cpu-memory"):
+        (history_dir / f"lora_generation_{preset}.json").write_text(json.dumps(results))
+    table = benchmark.design_history(history_dir).splitlines()
+    assert table[0] == "| | [`full-cpu`](benchmarks_full_cpu.md) | [`full-cpu-memory`](benchmarks_task_memory.md) |"
+    seen = results["seen"].values()
+    ratios = [m["own checkpoint mean"]["perplexity"] / m["original LoRA"]["perplexity"] for m in seen]
+    row = next(line for line in table if line.startswith("| seen: own-checkpoint mean / original PPL |"))
+    assert row.count(f"{min(ratios):.4f}-{max(ratios):.4f}") == 2  # one cell per design
+    assert any(line.startswith("| unseen (desc)") and "repeating" in line for line in table)
+    assert benchmark.design_history(tmp_path / "cache") is None  # no saved results: no table
