@@ -51,7 +51,8 @@ class PeftCVAEConfig(PretrainedConfig):
             the task means weighted by `softmax(cosine(condition, task condition) / temperature)`, with a learned
             temperature; the convolutional decoder then models what a checkpoint adds to its task's mean. Costs one
             checkpoint's size per task. Use it when the plain decoder decodes close to the bank mean for every task
-            (see docs/benchmarks.md): its shared output projection cannot express arbitrary per-task differences.
+            (see docs/benchmarks_full_cpu.md): its shared output projection cannot express arbitrary per-task
+            differences. Keep many checkpoints per task (docs/benchmarks.md: 40) so the memory stays a small share.
     """
 
     model_type = "peft_cvae"
