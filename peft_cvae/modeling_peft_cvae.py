@@ -363,6 +363,13 @@ class PeftCVAEGenerator(PreTrainedModel):
             for name in ("repo_id", "commit_message", "commit_description", "private", "revision", "create_pr")
             if name in kwargs
         }
+        self._save_with_card(save_directory, {"model_id": os.fspath(save_directory)}, is_main_process, **kwargs)
+        if push_to_hub and is_main_process:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def _save_with_card(self, save_directory, card_kwargs: dict, is_main_process: bool = True, **kwargs) -> None:
+        """`save_pretrained` without the push: weights, config and the model card rendered once with `card_kwargs`."""
         history = getattr(self, "training_history", None)
         previous = vars(self.config).get("training_summary")
         if history:
@@ -373,7 +380,7 @@ class PeftCVAEGenerator(PreTrainedModel):
                     super().save_pretrained(staging, is_main_process=True, **kwargs)
                     for weights in staging.glob("*.safetensors"):  # safetensors has no checksum: record one
                         stamp_data_sha256(weights)
-                    generator_model_card(self, model_id=os.fspath(save_directory)).save(staging / "README.md")
+                    generator_model_card(self, **card_kwargs).save(staging / "README.md")
             else:
                 super().save_pretrained(save_directory, is_main_process=False, **kwargs)
         finally:  # saving has no side effect on the in-memory config
@@ -381,9 +388,6 @@ class PeftCVAEGenerator(PreTrainedModel):
                 del self.config.training_summary
             elif history:
                 self.config.training_summary = previous
-        if push_to_hub and is_main_process:
-            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(
         self,
@@ -419,9 +423,8 @@ class PeftCVAEGenerator(PreTrainedModel):
         """
         repo_id = create_hub_repo(repo_id, private=private, token=token)
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
             tags = [*(self.model_tags or []), *(tags or [])]
-            generator_model_card(self, model_id=repo_id, tags=tags).save(Path(folder) / "README.md")
+            self._save_with_card(folder, {"model_id": repo_id, "tags": tags}, max_shard_size=max_shard_size)
             return upload_folder_to_hub(
                 folder,
                 repo_id,
