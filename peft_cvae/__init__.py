@@ -27,6 +27,7 @@ from .layout import LoraLayout
 from .modeling_peft_cvae import PeftCVAEGenerator, PeftCVAEOutput
 from .task_encoding import HiddenStateTaskEncoder, TaskEncoder, TextTaskEncoder, load_task_encoder
 from .training import train_generator
+from .training_args import GeneratorTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "CorruptFileError",
     "EmptyBankError",
     "GeneratedAdapter",
+    "GeneratorTrainingArguments",
     "HiddenStateTaskEncoder",
     "InvalidConfigError",
     "LayoutMismatchError",
