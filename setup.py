@@ -43,7 +43,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": ["peft-cvae=peft_cvae.cli:main"]},
+    entry_points={"console_scripts": ["peft-cvae=peft_cvae.commands:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

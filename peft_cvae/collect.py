@@ -66,7 +66,7 @@ class CollectArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * r)"})
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules to adapt", "nargs": "+"}
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules to adapt"}
     )
     steps: int = field(default=120, metadata={"help": "optimiser steps per task"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate, cosine decay to 0"})

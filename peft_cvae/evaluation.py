@@ -24,13 +24,14 @@ How texts are scored:
 """
 
 import math
+import os
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["evaluate_language_model", "language_model_metric"]
+__all__ = ["evaluate_adapters", "evaluate_language_model", "language_model_metric", "load_adapter_checked"]
 
 
 def _check_arguments(texts, max_length, batch_size, stride) -> int:
@@ -193,6 +194,65 @@ def evaluate_language_model(
         "num_tokens": num_tokens,
         "num_characters": num_characters,
     }
+
+
+def evaluate_adapters(
+    base_model_path: str,
+    adapters: dict[str, str | os.PathLike],
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> dict[str, dict]:
+    """Perplexity and bits per character of the base model and of each PEFT adapter folder on `texts`.
+
+    Returns:
+        `{"base": metrics, name: metrics, ...}` with the metrics of `evaluate_language_model`.
+    """
+    from .base_model import load_base_model
+
+    base_model, tokenizer = load_base_model(base_model_path)
+    options = {"max_length": max_length, "batch_size": batch_size, "autocast_dtype": torch.bfloat16 if bf16 else None}
+    results = {"base": evaluate_language_model(base_model, tokenizer, texts, **options)}
+    model = base_model
+    for name, path in adapters.items():
+        model = load_adapter_checked(model, path, name, base_model_path)
+        results[name] = evaluate_language_model(model, tokenizer, texts, **options)
+    return results
+
+
+def load_adapter_checked(model, path, name: str, base_model_path: str):
+    """Add the PEFT adapter at `path` to `model` (a base model or a PeftModel) as `name` and make it active.
+
+    Unlike `PeftModel.from_pretrained`, which only warns about missing keys, every LoRA tensor of the model's new
+    adapter must be filled from the file and every tensor of the file must be used; anything else is a clear error.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .errors import LayoutMismatchError
+
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=name)
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, target modules not in the model, ...
+        raise LayoutMismatchError(
+            f"The adapter {path} does not fit the base model {base_model_path}: {str(error).splitlines()[0]} "
+            "Evaluate it with the base model it was trained for."
+        ) from error
+    missing = [key for key in result.missing_keys if f".{name}." in key and "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise LayoutMismatchError(
+            f"The adapter {path} does not fit the base model {base_model_path} ({len(missing)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys). Evaluate it with the base model it was trained for."
+        )
+    model.set_adapter(name)
+    return model
 
 
 @cache

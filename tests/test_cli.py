@@ -347,3 +347,61 @@ def test_collect_refuses_task_names_that_leave_the_adapter_folder(name, workspac
     assert "task name" in err and "path" in err
     assert sorted(tmp_path.rglob("*")) == before
     assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()
+
+
+def test_train_reads_a_yaml_config_and_the_command_line_wins(workspace, tmp_path):
+    config = tmp_path / "train.yaml"
+    sizes = "patch_size: 16\nhidden-channels: 32\nlatent_size: 4\nnum_layers: 1\ntask_memory: true\n"
+    config.write_text(f"epochs: 5\nlr: 5e-3\nbatch_size: 4\noutput: {tmp_path / 'generator'}\n{sizes}")
+    assert main(["train", str(workspace["bank"]), "--config", str(config), "--epochs", "2"]) == 0
+    record = json.loads((tmp_path / "generator" / "training_history.json").read_text())
+    assert len(record["history"]) == 2  # --epochs on the command line beat the file's 5
+    assert (record["run"]["lr"], record["run"]["batch_size"]) == (5e-3, 4)  # YAML reads 5e-3 as a string: converted
+    config = PeftCVAEGenerator.from_pretrained(tmp_path / "generator").config
+    assert (config.hidden_channels, config.patch_size, config.task_memory) == (32, 16, True)
+
+
+def test_collect_reads_a_json_config(workspace, tmp_path):
+    values = {"spec": str(workspace["spec.json"]), "base_model": str(workspace["base"]), "output": str(tmp_path / "b")}
+    values.update({"text_encoder": str(workspace["encoder"]), "steps": 4, "lora_r": 2, "max_length": 16})
+    values.update({"batch_size": 2, "save_steps": 1, "last_fraction": 0.5})
+    (tmp_path / "collect.json").write_text(json.dumps(values))
+    assert main(["collect", "--config", str(tmp_path / "collect.json")]) == 0
+    bank = LoraBank.from_pretrained(tmp_path / "b")
+    assert [checkpoint.step for checkpoint in bank.checkpoints_of("letters")] == [3, 4]
+    assert bank.layout.lora_config["r"] == 2
+
+
+def test_config_file_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):
+    bank = str(workspace["bank"])
+    (tmp_path / "typo.yaml").write_text("epochz: 3\n")
+    err = user_mistake(
+        ["train", bank, "--output", str(tmp_path / "g"), "--config", str(tmp_path / "typo.yaml")], capsys
+    )
+    assert "'epochz'" in err and "not an option of `peft-cvae train`" in err and "epochs" in err
+    err = user_mistake(["train", bank, "--config", str(tmp_path / "missing.yaml")], capsys)
+    assert "does not exist" in err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "mapping" in user_mistake(["train", bank, "--config", str(tmp_path / "list.json")], capsys)
+    assert not (tmp_path / "g").exists()
+
+
+def test_dashed_and_underscored_flags_are_the_same():
+    from peft_cvae.commands import build_parser
+
+    dashed = ["train", "b", "--batch-size", "3", "--task-memory", "--output", "o", "--resume", "latest"]
+    underscored = ["train", "b", "--batch_size", "3", "--task_memory", "--output_dir", "o", "--resume_from", "latest"]
+    assert vars(build_parser().parse_args(dashed)) == vars(build_parser().parse_args(underscored))
+    parsed = build_parser().parse_args(dashed)
+    assert (parsed.batch_size, parsed.task_memory, parsed.output_dir, parsed.resume_from) == (3, True, "o", "latest")
+
+
+def test_out_of_range_numbers_exit_2_with_one_line(workspace, tmp_path, capsys):
+    base, spec = str(workspace["base"]), str(workspace["spec.json"])
+    err = user_mistake(
+        ["collect", "--spec", spec, "--base-model", base, "--output", "x", "--last-fraction", "2"], capsys
+    )
+    assert "last_fraction must be in (0, 1]" in err
+    err = user_mistake(["train", str(workspace["bank"]), "--output", str(tmp_path / "g"), "--epochs", "0"], capsys)
+    assert "epochs must be a positive integer" in err
+    assert not (tmp_path / "g").exists()
