@@ -273,11 +273,14 @@ class _TaskProgressCallback(ProgressCallback):
 
 @contextlib.contextmanager
 def _quiet_libraries():
-    """Silence transformers' and peft's warnings and info logs while a task trains (the progress bar stays)."""
+    """Silence transformers' and peft's warnings, info logs and weight-loading bars while a task is encoded and
+    trained, so each task shows one progress bar (Trainer's, which is plain tqdm) and one summary line."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
+    bars_were_disabled = transformers_logging.is_progress_bar_enabled() is False
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -285,6 +288,8 @@ def _quiet_libraries():
             yield
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _smoothed_loss(log_history: list[dict]) -> float | None:

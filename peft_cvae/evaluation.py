@@ -23,15 +23,27 @@ How texts are scored:
   EOS token, the first token of each text has no context and is not predicted; its characters are then left out.
 """
 
+import hashlib
+import json
+import logging
 import math
 import os
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["evaluate_adapters", "evaluate_language_model", "language_model_metric", "load_adapter_checked"]
+from .file_utils import read_json, sha256_file, write_json
+
+__all__ = [
+    "compare_to_first",
+    "evaluate_adapters",
+    "evaluate_language_model",
+    "language_model_metric",
+    "load_adapter_checked",
+]
 
 
 def _check_arguments(texts, max_length, batch_size, stride) -> int:
@@ -108,6 +120,11 @@ def _batches(windows: list, batch_size: int, pad_token_id: int, device: torch.de
         yield input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
+logger = logging.getLogger(__name__)
+
+SCORE_CACHE_VERSION = 1  # bump when how a text is scored changes: older cached scores are then not used
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -124,6 +141,7 @@ def evaluate_language_model(
     batch_size: int = 8,
     stride: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    progress_label: str = "Scoring text",
 ) -> dict:
     """Score a causal language model on texts: perplexity and bits per character (see the module docstring).
 
@@ -139,6 +157,7 @@ def evaluate_language_model(
             `max_length - 1` (windows overlap by one token).
         autocast_dtype: run the forward passes under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CPU).
             The log-likelihoods are always computed in float32.
+        progress_label: the label of the progress bar (shown on a terminal).
 
     Returns:
         A dict with `perplexity` (per token), `bits_per_character`, `loss` (mean negative log-likelihood per predicted
@@ -169,7 +188,7 @@ def evaluate_language_model(
     num_tokens = 0
     was_training = model.training
     model.eval()
-    progress = tqdm(total=len(windows), desc="Scoring text", unit="window", disable=None)
+    progress = tqdm(total=len(windows), desc=progress_label, unit="window", disable=None)
     try:
         with torch.no_grad():
             for input_ids, attention_mask, labels in _batches(windows, batch_size, pad_token_id, device):
@@ -204,8 +223,14 @@ def evaluate_adapters(
     max_length: int = 256,
     batch_size: int = 8,
     bf16: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict]:
     """Perplexity and bits per character of the base model and of each PEFT adapter folder on `texts`.
+
+    Args:
+        cache_dir: keep the base model's scores here, keyed by the content of the base model's files, the texts and
+            the options (`batch_size` does not change a score), so scoring several adapters one call at a time
+            scores the base model once. None: no cache.
 
     Returns:
         `{"base": metrics, name: metrics, ...}` with the metrics of `evaluate_language_model`.
@@ -214,12 +239,61 @@ def evaluate_adapters(
 
     base_model, tokenizer = load_base_model(base_model_path)
     options = {"max_length": max_length, "batch_size": batch_size, "autocast_dtype": torch.bfloat16 if bf16 else None}
-    results = {"base": evaluate_language_model(base_model, tokenizer, texts, **options)}
+    count = len(adapters) + 1
+    cache_file = None
+    if cache_dir is not None:
+        key = _score_key(base_model_path, texts, {"max_length": max_length, "bf16": bf16})
+        cache_file = Path(cache_dir).expanduser() / f"base-{key}.json"
+    if cache_file is not None and cache_file.is_file():
+        results = {"base": read_json(cache_file, what="cached base-model score")}
+        logger.info("Base-model score read from the cache %s", cache_file)
+    else:
+        results = {
+            "base": evaluate_language_model(
+                base_model, tokenizer, texts, progress_label=f"[1/{count}] base", **options
+            )
+        }
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(results["base"], cache_file)
     model = base_model
-    for name, path in adapters.items():
+    for index, (name, path) in enumerate(adapters.items(), start=2):
         model = load_adapter_checked(model, path, name, base_model_path)
-        results[name] = evaluate_language_model(model, tokenizer, texts, **options)
+        results[name] = evaluate_language_model(
+            model, tokenizer, texts, progress_label=f"[{index}/{count}] {name}", **options
+        )
     return results
+
+
+def compare_to_first(results: dict[str, dict]) -> dict[str, dict]:
+    """For each model of `evaluate_adapters`' results: its perplexity over the first adapter's, and the share of the
+    first adapter's gain over the base model that it recovers (in log-perplexity: 1 = as good as the first adapter,
+    0 = no better than the base model). Typically the first adapter is the original LoRA, the others generated ones."""
+    names = [name for name in results if name != "base"]
+    if not names:
+        return {}
+    base, first = results["base"], results[names[0]]
+    gain = base["loss"] - first["loss"]
+    return {
+        name: {
+            "perplexity_vs_first": metrics["perplexity"] / first["perplexity"],
+            "gain_recovered": (base["loss"] - metrics["loss"]) / gain if abs(gain) > 1e-12 else None,
+        }
+        for name, metrics in results.items()
+    }
+
+
+def _score_key(base_model_path: str, texts: list[str], options: dict) -> str:
+    """A hash of what a base-model score depends on: the model's files (contents), the texts and the options."""
+    digest = hashlib.sha256(json.dumps([SCORE_CACHE_VERSION, options, texts]).encode())
+    folder = Path(base_model_path).expanduser()
+    if folder.is_dir():
+        for file in sorted(path for path in folder.rglob("*") if path.is_file()):
+            digest.update(str(file.relative_to(folder)).encode())
+            digest.update(sha256_file(file).encode())
+    else:
+        digest.update(base_model_path.encode())  # a Hub id: its name
+    return digest.hexdigest()[:24]
 
 
 def load_adapter_checked(model, path, name: str, base_model_path: str):

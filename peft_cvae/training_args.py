@@ -22,7 +22,9 @@ def _is_positive_int(value) -> bool:
 class GeneratorTrainingArguments:
     """How `train_generator` fits a `PeftCVAEGenerator` to a `LoraBank` (optimiser, schedule, output, resuming)."""
 
-    epochs: int = field(default=300, metadata={"help": "passes over the bank"})
+    epochs: int = field(
+        default=100, metadata={"help": "passes over the bank at most (early stopping usually ends sooner)"}
+    )
     lr: float = field(
         default=1e-3, metadata={"help": "peak learning rate of AdamW; linear warm-up, then cosine decay to 0"}
     )
@@ -72,7 +74,7 @@ class GeneratorTrainingArguments:
         },
     )
     early_stopping_patience: int | None = field(
-        default=None,
+        default=20,
         metadata={"help": "stop when the epoch loss has not improved for this many epochs (0 or None: never)"},
     )
     early_stopping_min_delta: float = field(

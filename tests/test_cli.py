@@ -27,7 +27,7 @@ TASK_TEXTS = {  # three easily told apart "domains"
 }
 DESCRIPTIONS = {"numbers": "lists of numbers", "letters": "repeated letters", "animals": "sentences about animals"}
 TRAIN_FLAGS = ["--epochs", "100", "--lr", "5e-3", "--batch-size", "4", "--patch-size", "16", "--hidden-channels", "32"]
-TRAIN_FLAGS += ["--latent-size", "4", "--num-layers", "1"]
+TRAIN_FLAGS += ["--latent-size", "4", "--num-layers", "1", "--early-stopping-patience", "0"]  # all 100 epochs
 LORA_FLAGS = [
     "--steps",
     "20",
@@ -405,3 +405,36 @@ def test_out_of_range_numbers_exit_2_with_one_line(workspace, tmp_path, capsys):
     err = user_mistake(["train", str(workspace["bank"]), "--output", str(tmp_path / "g"), "--epochs", "0"], capsys)
     assert "epochs must be a positive integer" in err
     assert not (tmp_path / "g").exists()
+
+
+def test_evaluate_caches_the_base_score_and_compares_to_the_first_adapter(workspace, tmp_path, capsys, monkeypatch):
+    import peft_cvae.evaluation
+
+    original = str(workspace["loras"] / "numbers")
+    args = [
+        "evaluate",
+        "--base-model",
+        str(workspace["base"]),
+        "--texts",
+        str(workspace["root"] / "held_out" / "numbers"),
+    ]
+    args += ["--adapter", f"original={original}", f"again={original}", "--max-length", "32"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "first.json")]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-4:] == ["vs", "original", "gain", "recovered"]
+    table = {line.split()[0]: line.split() for line in lines[3:]}
+    assert table["original"][-2:] == ["1.000x", "100%"] and table["again"][-2:] == ["1.000x", "100%"]
+    assert table["base"][-1] == "0%" and float(table["base"][-2][:-1]) > 1  # the LoRA lowered the perplexity
+    assert len(list((tmp_path / "cache").glob("base-*.json"))) == 1
+
+    scored = []
+    real = peft_cvae.evaluation.evaluate_language_model
+    monkeypatch.setattr(
+        peft_cvae.evaluation, "evaluate_language_model", lambda *a, **k: scored.append(k) or real(*a, **k)
+    )
+    assert main([*args[:-1], str(tmp_path / "second.json")]) == 0
+    assert len(scored) == 2  # the two adapters; the base model's score came from the cache
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "second"))
+    assert first["results"] == second["results"]
+    assert second["relative_to_first"]["again"] == {"perplexity_vs_first": 1.0, "gain_recovered": 1.0}

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..evaluation import evaluate_adapters
+from ..evaluation import compare_to_first, evaluate_adapters
 from ..file_utils import write_json
 from ..task_data import read_text_file, text_files
 from .utils import CLIError, add_command, dataclass_from, existing_path, print_table
@@ -23,6 +23,12 @@ class EvaluateArguments:
     max_chars: int | None = field(default=None, metadata={"help": "cut each text to this many characters"})
     bf16: bool = field(default=False, metadata={"help": "run the forward passes under bfloat16 autocast"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+    cache_dir: str = field(
+        default="~/.cache/peft_cvae/evaluate",
+        metadata={
+            "help": "where base-model scores are kept, keyed by the content of the model and texts ('none': off)"
+        },
+    )
 
     def __post_init__(self):
         # --adapter is repeatable and takes one or more NAME=PATH each: [[a=x], [b=y, c=z]] -> [a=x, b=y, c=z]
@@ -68,15 +74,29 @@ def run(namespace) -> int:
         raise CLIError("Every text file is empty; pass files with text to score.")
     adapters = named_adapters(args.adapter)
     results = evaluate_adapters(
-        args.base_model, adapters, texts, max_length=args.max_length, batch_size=args.batch_size, bf16=args.bf16
-    )
+        args.base_model, adapters, texts, max_length=args.max_length, batch_size=args.batch_size, bf16=args.bf16,
+        cache_dir=None if args.cache_dir.lower() in ("", "none") else args.cache_dir,
+    )  # fmt: skip
+    relative = compare_to_first(results)
     print(f"{len(texts)} texts, {sum(map(len, texts)):,} characters, windows of {args.max_length} tokens")
-    rows = [
-        [name, f"{metrics['perplexity']:.3f}", f"{metrics['bits_per_character']:.4f}", f"{metrics['num_tokens']:,}"]
-        for name, metrics in results.items()
-    ]
-    print_table(["model", "perplexity", "bits/char", "tokens"], rows)
+    header = ["model", "perplexity", "bits/char", "tokens"]
+    if relative:
+        header += [f"vs {next(iter(adapters))}", "gain recovered"]
+    rows = []
+    for name, metrics in results.items():
+        row = [
+            name,
+            f"{metrics['perplexity']:.3f}",
+            f"{metrics['bits_per_character']:.4f}",
+            f"{metrics['num_tokens']:,}",
+        ]
+        if relative:
+            share = relative[name]["gain_recovered"]
+            row += [f"{relative[name]['perplexity_vs_first']:.3f}x", "-" if share is None else f"{100 * share:.0f}%"]
+        rows.append(row)
+    print_table(header, rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json({"texts": [str(file) for file in files], "results": results}, args.json)
+        record = {"texts": [str(file) for file in files], "results": results, "relative_to_first": relative}
+        write_json(record, args.json)
     return 0
