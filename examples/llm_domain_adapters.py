@@ -91,10 +91,12 @@ def main(argv=None) -> dict:
 
     # The base model: a folder, so that the adapters' configs (and the in-context task encoder) can name it.
     if args.quick:
-        from quick_assets import save_tiny_causal_lm, save_tiny_text_encoder
+        from quick_assets import quick_words
 
-        base_path = save_tiny_causal_lm(output / "base-model")
-        task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
+        from peft_cvae.testing_utils import save_tiny_causal_lm, save_tiny_text_encoder
+
+        base_path = save_tiny_causal_lm(output / "base-model", quick_words())
+        task_encoder = TextTaskEncoder(save_tiny_text_encoder(output / "text-encoder", words=quick_words()))
     else:
         from benchmarks.assets import smollm2_path, use_offline_minilm
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModel, AutoTokenizer, CLIPModel
 
 from peft_cvae import (
     ConditionError,
@@ -24,7 +24,8 @@ from peft_cvae import (
     train_generator,
 )
 from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_ENCODER_PATH_ENV, resolve_text_encoder_path
-from tests.testing_utils import save_tiny_text_encoder, small_generator_overrides, tiny_llama
+from peft_cvae.testing_utils import save_tiny_text_encoder, tiny_gpt2, tiny_llama
+from tests.testing_utils import small_generator_overrides
 
 POOLING = {"pooling": "mean", "max_length": 256}
 
@@ -201,17 +202,10 @@ def test_hidden_state_encoder_skips_the_lm_head_and_sees_an_active_lora(tiny_lm_
     assert head_calls == [1] * len(EXAMPLES)  # only the hand computation above ran the head
 
 
-def tiny_gpt2():
-    """Absolute position embeddings: left padding shifts them unless position ids count real tokens only."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config).eval()
-
-
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_hidden_state_encoder_does_not_depend_on_padding_side_or_batching(tiny_lm_and_tokenizer, architecture):
     model, tokenizer = tiny_lm_and_tokenizer
-    model = model if architecture == "llama" else tiny_gpt2()
+    model = model if architecture == "llama" else tiny_gpt2()  # absolute positions: left padding would shift them
     results = {}
     for side in ("right", "left"):
         tokenizer.padding_side = side
