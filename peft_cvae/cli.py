@@ -26,14 +26,12 @@ paths are relative to the spec file.
 """
 
 import argparse
-import copy
 import glob
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -174,203 +172,41 @@ def _folder_size(folder: Path) -> int:
 
 
 # ---- collect -------------------------------------------------------------------------------------------------------
-def _read_spec(path: Path) -> list[dict]:
-    """Parse and check the task spec file; return its tasks with paths resolved."""
-    try:
-        spec = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise CLIError(f"The task spec {path} is not valid JSON: {error}.") from error
-    if isinstance(spec, dict) and isinstance(spec.get("tasks"), list):
-        spec = spec["tasks"]
-    if not isinstance(spec, list) or not spec:
-        raise CLIError(
-            f"The task spec {path} must be a non-empty JSON list of tasks, e.g. "
-            '[{"name": "sport", "description": "match reports", "files": ["sport/*.txt"]}].'
-        )
-    names = set()
-    for index, task in enumerate(spec):
-        where = f"task #{index + 1} of {path}"
-        if not isinstance(task, dict):
-            raise CLIError(f"The {where} is a JSON {type(task).__name__}; expected an object with name and files.")
-        unknown = set(task) - {"name", "description", "files", "dataset", "data_files", "split", "text_column"}
-        if unknown:
-            raise CLIError(f"The {where} has unknown fields {sorted(unknown)}; check their spelling.")
-        if not isinstance(task.get("name"), str) or not task["name"]:
-            raise CLIError(f"The {where} has no 'name' (a non-empty string).")
-        if task["name"] in names:
-            raise CLIError(f"Task {task['name']!r} appears twice in {path}; task names must be unique.")
-        names.add(task["name"])
-        if not isinstance(task.get("description", ""), str):
-            raise CLIError(f"The 'description' of task {task['name']!r} in {path} must be a string.")
-        has_files, has_dataset = "files" in task, "dataset" in task
-        if has_files == has_dataset:
-            raise CLIError(
-                f"Task {task['name']!r} in {path} needs exactly one of 'files' (a list of text files) or 'dataset' "
-                "(a datasets.load_dataset name or folder, with 'text_column')."
-            )
-        if has_files and (
-            not isinstance(task["files"], list)
-            or not task["files"]
-            or not all(isinstance(f, str) for f in task["files"])
-        ):
-            raise CLIError(f"The 'files' of task {task['name']!r} in {path} must be a non-empty list of paths.")
-    return spec
+def _collect_arguments(args):
+    from dataclasses import fields
 
+    from .collect import CollectArguments
 
-def _task_texts(task: dict, spec_folder: Path) -> list[str]:
-    """The training texts of one task of the spec: one per file, or one per row of the dataset's text column."""
-    if "files" in task:
-        texts = [_read_text(file).strip() for file in _text_files(task["files"], spec_folder)]
-    else:
-        import datasets
-
-        name = task["dataset"]
-        if (spec_folder / name).exists():
-            name = str(spec_folder / name)
-        data_files = task.get("data_files")
-        if isinstance(data_files, str):
-            data_files = str(spec_folder / data_files)
-        elif isinstance(data_files, list):
-            data_files = [str(spec_folder / file) for file in data_files]
-        column = task.get("text_column", "text")
-        try:
-            dataset = datasets.load_dataset(name, data_files=data_files, split=task.get("split", "train"))
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise CLIError(f"Cannot load the dataset of task {task['name']!r} ({name!r}): {error}") from error
-        if column not in dataset.column_names:
-            raise CLIError(
-                f"The dataset of task {task['name']!r} has no column {column!r}; its columns are "
-                f"{dataset.column_names}. Set 'text_column' in the spec."
-            )
-        texts = [str(text).strip() for text in dataset[column] if text is not None]
-    texts = [text for text in texts if text]
-    if not texts:
-        raise CLIError(f"Task {task['name']!r} has no non-empty text.")
-    return texts
-
-
-class _ChunkDataset(torch.utils.data.Dataset):
-    """Fixed-length token blocks of a task's texts (documents joined by EOS), for causal-LM training."""
-
-    def __init__(self, texts: list[str], tokenizer, max_length: int, task: str):
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-        usable = len(ids) // max_length * max_length
-        if usable == 0:
-            raise CLIError(
-                f"Task {task!r} has only {len(ids)} tokens, fewer than one training block of --max-length "
-                f"{max_length}. Add text or lower --max-length."
-            )
-        self.blocks = torch.tensor(ids[:usable]).view(-1, max_length)  # (num_blocks, max_length)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
-
-
-def _task_encoder(args, base_model, tokenizer):
-    from .task_encoding import HiddenStateTaskEncoder, TextTaskEncoder
-
-    if args.condition == "in-context":
-        return HiddenStateTaskEncoder(
-            base_model, tokenizer, max_length=args.max_length, name_or_path=_model_path(args.base_model)
-        )
-    return TextTaskEncoder(_model_path(args.text_encoder) if args.text_encoder else None)
-
-
-def _train_task_lora(args, base_model, tokenizer, task: str, texts: list[str], bank, description: str, condition):
-    """Fine-tune one LoRA with a transformers Trainer; its last checkpoints go into `bank` (created if None)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
-    from .callbacks import LoraCheckpointCallback
-
-    dataset = _ChunkDataset(texts, tokenizer, args.max_length, task)
-    torch.manual_seed(args.seed)  # the same LoRA initialisation for every task: the generator models what differs
-    lora_config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-        target_modules=args.target_modules,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(copy.deepcopy(base_model), lora_config)
-    callback = LoraCheckpointCallback(
-        bank, task, description=description, condition=condition, save_steps=args.save_steps,
-        last_fraction=args.last_fraction,
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") as scratch:
-        training_args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr,
-            lr_scheduler_type="cosine",  # decay to 0: the kept checkpoints sit on a converged tail (DESIGN §7)
-            warmup_steps=min(10, args.steps // 10),
-            weight_decay=0.0,
-            bf16=args.bf16,
-            use_cpu=not torch.cuda.is_available(),  # bf16 autocast then runs on the CPU instead of being refused
-            logging_steps=max(1, args.steps // 10),
-            save_strategy="no",
-            report_to="none",
-            seed=args.seed,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=False,
-        )
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=dataset,
-            data_collator=default_data_collator,
-            callbacks=[callback],
-        )
-        result = trainer.train()
-    if args.save_adapters:
-        from .file_utils import atomic_directory
-
-        with atomic_directory(Path(args.save_adapters) / task) as staging:
-            model.save_pretrained(staging)
-    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
-    steps = callback.saved_steps
-    loss_text = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else ""
-    seconds = result.metrics.get("train_runtime", 0)
-    print(
-        f"  {task}: {len(dataset)} blocks of {args.max_length} tokens, {args.steps} steps, {loss_text}"
-        f"{len(steps)} checkpoints kept (steps {steps[0]}..{steps[-1]}), {seconds:.0f} s"
-    )
-    return callback.bank
+    values = {field.name: getattr(args, field.name) for field in fields(CollectArguments)}
+    if values["text_encoder"]:
+        values["text_encoder"] = _model_path(values["text_encoder"])  # recorded in the bank: an absolute folder
+    return CollectArguments(**values)
 
 
 def cmd_collect(args) -> int:
+    from .collect import check_tasks, collect_bank, read_task_spec
+
     spec_path = _existing_path(args.spec, "task spec")
-    tasks = _read_spec(spec_path)
-    texts = {task["name"]: _task_texts(task, spec_path.parent) for task in tasks}  # check every task before training
-    if args.condition == "text":
-        missing = [task["name"] for task in tasks if not task.get("description", "").strip()]
-        if missing:
-            raise CLIError(
-                f"Tasks {missing} have no 'description', which --condition text embeds as the task vector. Add "
-                "descriptions to the spec, or use --condition in-context."
-            )
-    if args.save_steps is None:
-        args.save_steps = max(1, args.steps // 20)
+    tasks = read_task_spec(spec_path)  # every task's data read and checked before any training
+    collect_args = _collect_arguments(args)
+    check_tasks(tasks, collect_args)
     base_model, tokenizer = _load_base_model(args.base_model)
-    encoder = _task_encoder(args, base_model, tokenizer)
-    print(f"Fine-tuning {len(tasks)} LoRA(s) on {args.base_model} (r={args.lora_r}, {', '.join(args.target_modules)})")
-    bank = None
-    for index, task in enumerate(tasks):
-        name, description = task["name"], task.get("description", "")
-        print(f"[{index + 1}/{len(tasks)}] task {name!r}")
-        examples = texts[name][: args.num_examples]
-        condition = encoder.encode(description if args.condition == "text" else examples)
-        bank = _train_task_lora(args, base_model, tokenizer, name, texts[name], bank, description, condition)
-    bank.condition_encoder = encoder.to_dict()
+    print(
+        f"Fine-tuning {len(tasks)} LoRA(s) on {args.base_model} (r={collect_args.lora_r}, "
+        f"{', '.join(collect_args.target_modules)})"
+    )
+
+    def summary(task, result):
+        what = f"{result.num_sequences} blocks of {collect_args.max_length} tokens"
+        if task.examples is not None:
+            what = f"{result.num_sequences} examples"
+        loss = f"loss {result.loss:.3f} (mean of the last 10% of steps), " if result.loss is not None else ""
+        print(
+            f"  {task.name}: {what}, {collect_args.steps} steps, {loss}{len(result.steps)} checkpoints kept "
+            f"(steps {result.steps[0]}..{result.steps[-1]}), {result.train_seconds:.0f} s"
+        )
+
+    bank = collect_bank(base_model, tokenizer, tasks, collect_args, on_task_end=summary)
     bank.save_pretrained(args.output)
     print(f"Wrote a bank of {len(bank)} checkpoints of {len(bank.task_names)} tasks to {args.output}")
     return 0
@@ -730,11 +566,19 @@ task spec (JSON; relative paths are relative to the spec file):
   [
     {"name": "sport", "description": "match reports", "files": ["sport/*.txt"]},
     {"name": "code", "description": "Python code", "dataset": "json",
-     "data_files": "code.jsonl", "text_column": "text", "split": "train"}
+     "data_files": "code.jsonl", "text_column": "text", "split": "train"},
+    {"name": "sums", "description": "adding numbers",
+     "examples": [{"input": "2 + 2", "target": "4"}]},
+    {"name": "logic", "task_json": "bigbench/logical_deduction/task.json"}
   ]
   files: text files, folders of *.txt or glob patterns, each file one document.
   dataset: anything datasets.load_dataset accepts (a local folder, a builder such as
   "json" with data_files, a Hub id when online); text_column defaults to "text".
+  examples: prompt/answer pairs, trained on the answer only; the prompt is
+  input_prefix + input + output_prefix (default "\\nQ: " and "\\nA: ", as BIG-bench);
+  {"input", "target_scores": {choice: score}} is a multiple-choice example.
+  task_json: a BIG-bench JSON task (its description, examples and prefixes).
+  Task names are folder names: no '/', '\\', '..' or control characters.
 """
 
 

@@ -29,6 +29,7 @@ from huggingface_hub.utils import validate_repo_id
 from .errors import ConditionError, CorruptFileError, EmptyBankError, MissingFileError, UnknownTaskError
 from .file_utils import atomic_directory, read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .layout import LoraLayout, adapter_library, load_adapter
+from .task_data import check_task_name
 
 __all__ = ["LoraBank", "LoraCheckpoint"]
 
@@ -153,8 +154,7 @@ class LoraBank:
     # ---- building -----------------------------------------------------------------------------------------------
     def add_checkpoint(self, task: str, state_dict: dict[str, torch.Tensor], step: int | None = None) -> None:
         """Append a checkpoint; its keys and shapes must match the bank's layout."""
-        if not isinstance(task, str) or not task:
-            raise ValueError(f"A task name must be a non-empty string, got {task!r}.")
+        check_task_name(task)  # names become folder and Hub path components: refuse "../x", "/abs", "", NUL
         self.layout.flatten(state_dict)  # checks layout and finiteness, raising a clear error
         state_dict = {key: state_dict[key].detach().cpu().clone() for key in self.layout.keys}
         self.checkpoints.append(LoraCheckpoint(task=task, state_dict=state_dict, step=step))

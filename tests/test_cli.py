@@ -330,3 +330,20 @@ def test_user_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", str(workspace["generator"]), "--output", "x"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/folder"])
+def test_collect_refuses_task_names_that_leave_the_adapter_folder(name, workspace, tmp_path, capsys):
+    """Issue 15.1: `--save-adapters FOLDER` with task "../../x" wrote outside FOLDER (exit 0); now nothing, exit 2."""
+    work = tmp_path / "a" / "b"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "0.txt").write_text(TASK_TEXTS["numbers"](0))
+    spec = work / "spec.json"
+    spec.write_text(json.dumps([{"name": name, "description": "numbers", "files": ["data/*.txt"]}]))
+    before = sorted(tmp_path.rglob("*"))
+    args = ["collect", "--spec", str(spec), "--base-model", str(workspace["base"]), "--output", str(work / "bank")]
+    args += ["--save-adapters", str(work / "adapters"), "--text-encoder", str(workspace["encoder"]), *LORA_FLAGS]
+    err = user_mistake(args, capsys)
+    assert "task name" in err and "path" in err
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()

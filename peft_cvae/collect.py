@@ -1,0 +1,436 @@
+"""`collect_bank`: fine-tune one LoRA per task with a `transformers.Trainer` and collect its checkpoints into a bank.
+
+This is the one LoRA fine-tuning path of peft-cvae: `peft-cvae collect`, the benchmarks and the examples all call it.
+Each task gets the same LoRA initialisation (`torch.manual_seed(args.seed)` before `get_peft_model`), so the
+generator models what differs between tasks, not the random start; a `LoraCheckpointCallback` keeps the checkpoints
+of the last part of training (cosine decay to 0: a converged tail, DESIGN §7) in the bank.
+
+Two kinds of task data (`peft_cvae.task_data.TaskData`):
+
+* documents (`texts`): joined with EOS and cut into blocks of `max_length` tokens; the loss is on every token;
+* prompt/answer pairs (`examples`): `prompt + answer + EOS`, right-padded per batch; the loss is on the answer tokens
+  only (labels -100 on the prompt and the padding). A pair longer than `max_length` loses the *start* of its prompt,
+  so the answer is always kept whole.
+
+Example:
+    ```python
+    from peft_cvae.collect import CollectArguments, TaskData, collect_bank
+
+    tasks = [TaskData("sport", "match reports", texts=sport_texts), TaskData("sums", "adding", examples=pairs)]
+    bank = collect_bank(base_model, tokenizer, tasks, CollectArguments(steps=200, lora_r=8))
+    bank.save_pretrained("my-bank")
+    ```
+"""
+
+import contextlib
+import copy
+import logging
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .callbacks import LoraCheckpointCallback
+from .errors import InvalidConfigError
+from .task_data import TaskData, TaskExample, check_task_name, read_task_spec
+
+__all__ = [
+    "CollectArguments",
+    "TaskData",
+    "TaskExample",
+    "TaskLora",
+    "check_task_name",
+    "collect_bank",
+    "read_task_spec",
+    "train_task_lora",
+]
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("text", "in-context")
+SMOOTHING_SHARE = 0.1  # the reported loss is the mean of the last 10% of the logged per-step losses
+
+
+@dataclass
+class CollectArguments:
+    """How each task's LoRA is fine-tuned and which of its checkpoints are kept (the flags of `peft-cvae collect`)."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * r)"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules to adapt", "nargs": "+"}
+    )
+    steps: int = field(default=120, metadata={"help": "optimiser steps per task"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate, cosine decay to 0"})
+    batch_size: int = field(default=8, metadata={"help": "blocks (or examples) per step"})
+    max_length: int = field(default=128, metadata={"help": "tokens per block (or per example)"})
+    save_steps: int | None = field(
+        default=None, metadata={"help": "keep a checkpoint every N steps (default: steps / 20)"}
+    )
+    last_fraction: float = field(
+        default=1 / 3,
+        metadata={"help": "keep checkpoints of this final share of training (default: 1/3, as ICM-LoRA's last 50 of "
+                  "150 epochs)"},
+    )  # fmt: skip
+    condition: str = field(
+        default="text",
+        metadata={
+            "help": "task vectors from descriptions (a sentence encoder) or from a few of the task's texts run "
+            "through the base model (ICM-LoRA Eq. 1)",
+            "choices": list(CONDITIONS),
+        },
+    )
+    text_encoder: str | None = field(
+        default=None, metadata={"help": "sentence encoder folder or Hub id (default: all-MiniLM-L6-v2)"}
+    )
+    num_examples: int = field(default=8, metadata={"help": "texts per task for --condition in-context"})
+    bf16: bool = field(default=False, metadata={"help": "train under bfloat16 autocast"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order and the shared LoRA initialisation)"})
+    save_adapters: str | None = field(
+        default=None, metadata={"help": "also write each task's final LoRA to FOLDER/<task>"}
+    )
+
+    def __post_init__(self):
+        for name in ("lora_r", "steps", "batch_size", "max_length", "num_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.save_steps is not None and (
+            isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int) or self.save_steps < 1
+        ):
+            raise InvalidConfigError(
+                f"save_steps must be a positive integer or None (steps / 20), got {self.save_steps!r}."
+            )
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0)):
+                raise InvalidConfigError(f"{name} must be a positive number, got {value!r}.")
+        if not isinstance(self.last_fraction, (int, float)) or not 0 < self.last_fraction <= 1:
+            raise InvalidConfigError(
+                f"last_fraction must be in (0, 1] (the final share of training whose checkpoints are kept), got "
+                f"{self.last_fraction!r}."
+            )
+        if self.condition not in CONDITIONS:
+            raise InvalidConfigError(f"condition must be one of {CONDITIONS}, got {self.condition!r}.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
+            raise InvalidConfigError(
+                f"target_modules must be a non-empty list of module names, got {self.target_modules!r}."
+            )
+
+    @property
+    def checkpoint_every(self) -> int:
+        """`save_steps`, or `max(1, steps // 20)` when it is None."""
+        return self.save_steps if self.save_steps is not None else max(1, self.steps // 20)
+
+    def lora_config(self):
+        """The `peft.LoraConfig` of every task's LoRA (alpha 2 r unless set; no dropout)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r,
+            target_modules=list(self.target_modules),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class TaskLora:
+    """What `train_task_lora` returns: the bank with the task's kept checkpoints, the trained model and a summary."""
+
+    bank: object  # LoraBank
+    model: object  # peft.PeftModel, the task's LoRA after the last step
+    steps: list[int]  # optimiser steps of the kept checkpoints
+    train_seconds: float
+    loss: float | None  # mean of the last 10% of logged per-step training losses (one noisy batch says little)
+    num_sequences: int  # training blocks (documents) or examples
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------------
+class _ChunkDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks of a task's texts (documents joined by EOS), for causal-LM training."""
+
+    def __init__(self, texts: list[str], tokenizer, max_length: int, task: str):
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        usable = len(ids) // max_length * max_length
+        if usable == 0:
+            raise InvalidConfigError(
+                f"Task {task!r} has only {len(ids)} tokens, fewer than one training block of --max-length "
+                f"{max_length}. Add text or lower --max-length."
+            )
+        self.blocks = torch.tensor(ids[:usable]).view(-1, max_length)  # (num_blocks, max_length)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+class _ExampleDataset(torch.utils.data.Dataset):
+    """Prompt/answer pairs as token ids with labels -100 on the prompt, so the loss is on the answer only.
+
+    Prompt and answer are tokenized separately (the answer's tokens are exactly `tokenizer(target)`, as a scorer that
+    compares answers sees them), then joined, with EOS after the answer. Too long a pair loses the start of its prompt.
+    """
+
+    def __init__(self, task: TaskData, tokenizer, max_length: int):
+        self.items = []
+        truncated = 0
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for example in task.examples:
+            prompt = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(example.target, add_special_tokens=False)["input_ids"] + eos
+            if len(prompt) + len(answer) > max_length:
+                truncated += 1
+                answer = answer[:max_length]
+                prompt = prompt[len(prompt) - (max_length - len(answer)) :] if len(answer) < max_length else []
+            ids = torch.tensor(prompt + answer)
+            labels = ids.clone()
+            labels[: len(prompt)] = -100
+            self.items.append({"input_ids": ids, "labels": labels})
+        if truncated:
+            logger.warning(
+                "%d of %d examples of task %r are longer than max_length=%d tokens; their prompt start was cut.",
+                truncated,
+                len(self.items),
+                task.name,
+                max_length,
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class _RightPadCollator:
+    """Pads a batch on the right whatever the tokenizer's `padding_side` (chat tokenizers often pad left): inputs
+    with the pad token, labels with -100, and an attention mask of the real tokens."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        from torch.nn.utils.rnn import pad_sequence
+
+        input_ids = [feature["input_ids"] for feature in features]
+        return {
+            "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),  # (B, L)
+            "labels": pad_sequence([f["labels"] for f in features], batch_first=True, padding_value=-100),
+            "attention_mask": pad_sequence([torch.ones_like(ids) for ids in input_ids], batch_first=True),
+        }
+
+
+def task_dataset(task: TaskData, tokenizer, max_length: int) -> torch.utils.data.Dataset:
+    """The training dataset of a task: blocks of its documents, or its examples with answer-only labels."""
+    if task.texts is not None:
+        return _ChunkDataset([text.strip() for text in task.texts if text.strip()], tokenizer, max_length, task.name)
+    return _ExampleDataset(task, tokenizer, max_length)
+
+
+def _pad_token_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # masked out by the attention mask and the labels: any id works
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+class _TaskProgressCallback(ProgressCallback):
+    """Trainer's progress bar, labelled with the task and showing the loss, instead of printing a log dict under it at
+    every logging step."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=self.label)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence transformers' and peft's warnings and info logs while a task trains (the progress bar stays)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _smoothed_loss(log_history: list[dict]) -> float | None:
+    losses = [record["loss"] for record in log_history if "loss" in record]
+    if not losses:
+        return None
+    tail = losses[-max(1, math.ceil(SMOOTHING_SHARE * len(losses))) :]
+    return sum(tail) / len(tail)
+
+
+def train_task_lora(
+    base_model, tokenizer, task: TaskData, args: CollectArguments, *, bank=None, condition=None, progress_label=None
+):
+    """Fine-tune one LoRA on `task` with a `transformers.Trainer`; its kept checkpoints go into `bank`.
+
+    Args:
+        base_model: the causal LM (not modified: a copy gets the LoRA).
+        tokenizer: its tokenizer.
+        task: the task's data.
+        args: the fine-tuning arguments.
+        bank: the `LoraBank` to add to (None: a new bank with this LoRA's layout).
+        condition: the task's condition vector, recorded in the bank with the task's description.
+        progress_label: the label of the progress bar (default: the task's name).
+
+    Returns:
+        A `TaskLora`: the bank, the trained `PeftModel`, the kept steps, the training time and the smoothed loss.
+    """
+    dataset = task_dataset(task, tokenizer, args.max_length)
+    torch.manual_seed(args.seed)  # the same LoRA initialisation for every task: the generator models what differs
+    with _quiet_libraries():
+        model = get_peft_model(copy.deepcopy(base_model), args.lora_config())
+    callback = LoraCheckpointCallback(
+        bank, task.name, description=task.description, condition=condition, save_steps=args.checkpoint_every,
+        last_fraction=args.last_fraction,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") as scratch, _quiet_libraries():
+        training_args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",  # decay to 0: the kept checkpoints sit on a converged tail (DESIGN §7)
+            warmup_steps=min(10, args.steps // 10),
+            weight_decay=0.0,
+            bf16=args.bf16,
+            use_cpu=not torch.cuda.is_available(),  # bf16 autocast then runs on the CPU instead of being refused
+            logging_steps=1,  # every step's loss, for the smoothed loss of the summary (not printed)
+            save_strategy="no",
+            report_to="none",
+            seed=args.seed,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            disable_tqdm=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=_RightPadCollator(_pad_token_id(tokenizer)),
+            callbacks=[callback],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_TaskProgressCallback(progress_label or task.name))
+        trainer.train()
+    seconds = time.perf_counter() - start
+    if args.save_adapters:
+        from .file_utils import atomic_directory
+
+        with atomic_directory(Path(args.save_adapters) / check_task_name(task.name)) as staging:
+            model.save_pretrained(staging)
+    return TaskLora(
+        bank=callback.bank,
+        model=model,
+        steps=list(callback.saved_steps),
+        train_seconds=seconds,
+        loss=_smoothed_loss(trainer.state.log_history),
+        num_sequences=len(dataset),
+    )
+
+
+def default_task_encoder(base_model, tokenizer, args: CollectArguments):
+    """The task encoder `args.condition` asks for: a sentence encoder of descriptions, or the base model's hidden
+    states of a few texts (ICM-LoRA Eq. 1)."""
+    from .task_encoding import HiddenStateTaskEncoder, TextTaskEncoder
+
+    if args.condition == "in-context":
+        return HiddenStateTaskEncoder(base_model, tokenizer, max_length=args.max_length)
+    return TextTaskEncoder(args.text_encoder)
+
+
+def check_tasks(tasks: list[TaskData], args: CollectArguments) -> None:
+    """Refuse tasks that cannot be collected, before any training: repeated names, missing descriptions."""
+    if not tasks or not all(isinstance(task, TaskData) for task in tasks):
+        raise InvalidConfigError("tasks must be a non-empty list of TaskData.")
+    names = [task.name for task in tasks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidConfigError(f"Tasks {repeated} appear more than once; task names must be unique.")
+    if args.condition == "text":
+        missing = [task.name for task in tasks if not task.description.strip()]
+        if missing:
+            raise InvalidConfigError(
+                f"Tasks {missing} have no 'description', which --condition text embeds as the task vector. Add "
+                "descriptions to the spec, or use --condition in-context."
+            )
+
+
+def collect_bank(
+    base_model, tokenizer, tasks: list[TaskData], args: CollectArguments | None = None, *, task_encoder=None,
+    bank=None, on_task_end=None,
+):  # fmt: skip
+    """Fine-tune one LoRA per task and return the `LoraBank` of their kept checkpoints, with a condition per task.
+
+    Args:
+        base_model: the causal LM every LoRA is trained on.
+        tokenizer: its tokenizer.
+        tasks: the tasks (`read_task_spec` reads them from a spec file).
+        args: fine-tuning arguments (default: `CollectArguments()`).
+        task_encoder: turns a task into its condition vector; default `default_task_encoder(...)` (from
+            `args.condition` and `args.text_encoder`). Text encoders get the description, others the task's first
+            `args.num_examples` texts.
+        bank: a bank to add to (its layout must match); None starts a new one.
+        on_task_end: called with `(task, TaskLora)` after each task (the CLI prints its summary line there).
+
+    Returns:
+        The bank, with `bank.condition_encoder` set to `task_encoder.to_dict()`.
+    """
+    args = args if args is not None else CollectArguments()
+    check_tasks(tasks, args)
+    if task_encoder is None:
+        task_encoder = default_task_encoder(base_model, tokenizer, args)
+    for index, task in enumerate(tasks):
+        with _quiet_libraries():
+            condition = task_encoder.encode(
+                task.description
+                if getattr(task_encoder, "kind", None) == "text"
+                else task.sample_texts(args.num_examples)
+            )
+        label = f"[{index + 1}/{len(tasks)}] {task.name}"
+        result = train_task_lora(
+            base_model, tokenizer, task, args, bank=bank, condition=condition, progress_label=label
+        )
+        bank = result.bank
+        if on_task_end is not None:
+            on_task_end(task, result)
+    bank.condition_encoder = task_encoder.to_dict()
+    return bank

@@ -1,0 +1,231 @@
+"""`peft_cvae.collect`: the one LoRA fine-tuning path (documents and prompt/answer tasks) and the task spec reader."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.utils import set_peft_model_state_dict
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from peft_cvae import LoraBank
+from peft_cvae.collect import (
+    CollectArguments,
+    TaskData,
+    TaskExample,
+    _RightPadCollator,
+    check_task_name,
+    collect_bank,
+    read_task_spec,
+    task_dataset,
+    train_task_lora,
+)
+from peft_cvae.errors import InvalidConfigError, PeftCVAEError
+from peft_cvae.testing_utils import tiny_llama
+
+CORPUS = [" ".join(str((i * 7 + k) % 100) for k in range(40)) for i in range(4)] + [
+    "Q: what is 2 plus 3? A: 5",
+    "the cat sat on the mat",
+    "a dog ran in the park",
+]
+SUMS = [TaskExample(input=f"{a} plus {b}", target=str(a + b)) for a in range(1, 5) for b in range(1, 4)]
+ARGS = {"steps": 12, "batch_size": 4, "max_length": 24, "lora_r": 2, "lr": 3e-2, "save_steps": 1}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with a few merges, trained in milliseconds."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"  # a chat-style tokenizer: training batches must still be right-padded
+    base = tiny_llama(
+        vocab_size=len(tokenizer),
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return base, tokenizer
+
+
+def test_example_labels_mask_exactly_the_prompt_and_the_padding(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    task = TaskData("sums", examples=[SUMS[0], TaskExample("a much longer question about 4 plus 3", "7")])
+    dataset = task_dataset(task, tokenizer, max_length=64)
+    batch = _RightPadCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    for row, example in enumerate(task.examples):
+        prompt = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        length = len(prompt) + len(answer)
+        assert batch["input_ids"][row, :length].tolist() == prompt + answer  # right-padded: real tokens first
+        assert batch["labels"][row, : len(prompt)].eq(-100).all()
+        assert batch["labels"][row, len(prompt) : length].tolist() == answer
+        assert batch["labels"][row, length:].eq(-100).all()
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (batch["input_ids"].shape[1] - length)
+    assert task.prompt(SUMS[0]) == "\nQ: 1 plus 1\nA: "  # BIG-bench's default prefixes
+
+
+def test_too_long_examples_lose_the_start_of_the_prompt(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    example = TaskExample(" ".join(["the cat sat on the mat"] * 10), "a dog ran in the park")
+    answer = tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tokenizer(TaskData("x", examples=[example]).prompt(example), add_special_tokens=False)["input_ids"]
+    max_length = len(answer) + 5
+    item = task_dataset(TaskData("long", examples=[example]), tokenizer, max_length=max_length)[0]
+    assert item["input_ids"].tolist() == prompt[-5:] + answer  # the end of the prompt and the whole answer
+    assert item["labels"].tolist() == [-100] * 5 + answer
+
+
+def answer_nll(model, tokenizer, task: TaskData) -> float:
+    """Mean NLL per answer token over the task's examples (prompt tokens not scored)."""
+    batch = _RightPadCollator(tokenizer.pad_token_id)(list(task_dataset(task, tokenizer, 64)))
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_answer_only_training_lowers_the_answer_nll(model_and_tokenizer):
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("sums", "adding small numbers", examples=SUMS)
+    before = answer_nll(base, tokenizer, task)
+    result = train_task_lora(base, tokenizer, task, CollectArguments(**{**ARGS, "steps": 30}, last_fraction=0.1))
+    after = answer_nll(result.model.eval(), tokenizer, task)
+    assert after < 0.6 * before
+    assert result.steps == [28, 29, 30] and [c.step for c in result.bank.checkpoints_of("sums")] == [28, 29, 30]
+    assert result.num_sequences == len(SUMS) and result.train_seconds > 0
+    assert math.isfinite(result.loss) and result.loss < before
+    assert result.bank.description("sums") == "adding small numbers"
+    assert answer_nll(base, tokenizer, task) == pytest.approx(before)  # the base model itself was not changed
+
+
+def test_task_json_spec_round_trips(tmp_path):
+    task_json = {
+        "name": "toy_bigbench",
+        "description": "Answer arithmetic and pick the animal.",
+        "example_input_prefix": "\nQuestion: ",
+        "example_output_prefix": "\nAnswer: ",
+        "examples": [
+            {"input": "What is 2 + 2?", "target": "4"},
+            {"input": "What is 3 + 3?", "target": ["6", "six"]},
+            {"input": "Which is an animal?", "target_scores": {"stone": 0, "cat": 1, "cloud": 0}},
+        ],
+    }
+    (tmp_path / "bb").mkdir()
+    (tmp_path / "bb" / "task.json").write_text(json.dumps(task_json))
+    (tmp_path / "docs.txt").write_text("a document\n")
+    spec = [
+        {"name": "bb", "task_json": "bb/task.json"},
+        {"task_json": "bb/task.json", "description": "overridden", "append_choices_to_input": False},
+        {"name": "inline", "description": "sums", "examples": [{"input": "1+1", "target": "2"}], "output_prefix": "="},
+        {"name": "docs", "description": "documents", "files": ["docs.txt"]},
+    ]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    bb, named_by_file, inline, docs = read_task_spec(tmp_path / "spec.json")
+    assert bb.name == "bb" and bb.description == task_json["description"] and bb.texts is None
+    assert (bb.input_prefix, bb.output_prefix) == ("\nQuestion: ", "\nAnswer: ")
+    assert [(e.input, e.target, e.choices) for e in bb.examples] == [
+        ("What is 2 + 2?", "4", None),
+        ("What is 3 + 3?", "6", None),
+        ("Which is an animal?\n  choice: cat\n  choice: cloud\n  choice: stone", "cat", ["cat", "cloud", "stone"]),
+    ]
+    assert bb.prompt(bb.examples[0]) == "\nQuestion: What is 2 + 2?\nAnswer: "
+    assert named_by_file.name == "toy_bigbench" and named_by_file.description == "overridden"
+    assert named_by_file.examples[2].input == "Which is an animal?"  # choices not appended when asked not to
+    assert (inline.input_prefix, inline.output_prefix) == ("\nQ: ", "=") and inline.examples[0].target == "2"
+    assert docs.texts == ["a document"] and docs.examples is None
+
+
+def test_collect_bank_on_text_and_example_tasks_loads_in_peft(model_and_tokenizer, tmp_path):
+    base, tokenizer = model_and_tokenizer
+    tasks = [
+        TaskData("numbers", "lists of numbers", texts=CORPUS[:4]),
+        TaskData("animals", "sentences about animals", texts=[" ".join(CORPUS[5:] * 8)]),
+        TaskData("sums", "adding small numbers", examples=SUMS),
+    ]
+    args = CollectArguments(**{**ARGS, "steps": 6}, last_fraction=0.5, condition="in-context", num_examples=2)
+    bank = collect_bank(base, tokenizer, tasks, args)
+    assert bank.task_names == ["numbers", "animals", "sums"]
+    assert bank.condition_encoder["kind"] == "hidden_state"
+    assert all(bank.condition(task).shape == (16,) for task in bank.task_names)  # the base model's hidden size
+    bank.save_pretrained(tmp_path / "bank")
+    loaded = LoraBank.from_pretrained(tmp_path / "bank")
+    assert len(loaded) == 9 and [c.step for c in loaded.checkpoints_of("sums")] == [4, 5, 6]
+    model = get_peft_model(base, args.lora_config())
+    for checkpoint in loaded:
+        result = set_peft_model_state_dict(model, checkpoint.state_dict)
+        assert result.unexpected_keys == []
+        assert [key for key in result.missing_keys if "lora_" in key] == []
+    finals = [loaded.checkpoints_of(task)[-1].state_dict for task in loaded.task_names]
+    key = next(key for key in loaded.layout.keys if "lora_B" in key)
+    assert not torch.equal(finals[0][key], finals[2][key])  # tasks trained apart from the same start
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/folder", "", "a/b", "a\\b", "..", ".", "nul\x00byte", "x" * 256])
+def test_unsafe_task_names_are_refused_everywhere(name, tmp_path):
+    with pytest.raises(InvalidConfigError):
+        check_task_name(name)
+    with pytest.raises(PeftCVAEError):
+        TaskData(name, texts=["text"])
+    (tmp_path / "spec.json").write_text(json.dumps([{"name": name, "examples": [{"input": "a", "target": "b"}]}]))
+    with pytest.raises(PeftCVAEError):
+        read_task_spec(tmp_path / "spec.json")
+
+
+def test_add_checkpoint_refuses_unsafe_task_names(model_and_tokenizer):
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("sums", examples=SUMS[:4])
+    bank = train_task_lora(base, tokenizer, task, CollectArguments(**{**ARGS, "steps": 2})).bank
+    state_dict = bank.checkpoints[0].state_dict
+    for name in ["../../x", "/abs", ""]:
+        with pytest.raises(InvalidConfigError, match="task name"):
+            bank.add_checkpoint(name, state_dict)
+    bank.add_checkpoint("Sums", state_dict)  # differs only by case: a different, valid task
+    assert bank.task_names == ["sums", "Sums"]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lora_r": -1}, "lora_r"),
+        ({"last_fraction": 0}, "last_fraction"),
+        ({"last_fraction": 1.5}, "last_fraction"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"save_steps": 0}, "save_steps"),
+        ({"condition": "vibes"}, "condition must be one of"),
+        ({"target_modules": []}, "target_modules"),
+    ],
+)
+def test_collect_arguments_are_checked(overrides, words):
+    with pytest.raises(InvalidConfigError, match=words):
+        CollectArguments(**overrides)
+
+
+def test_collect_arguments_defaults():
+    args = CollectArguments()
+    assert args.checkpoint_every == 6 and CollectArguments(steps=10).checkpoint_every == 1
+    config = args.lora_config()
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (8, 16, ["q_proj", "v_proj"])
+
+
+def test_text_condition_needs_descriptions(model_and_tokenizer):
+    base, tokenizer = model_and_tokenizer
+    with pytest.raises(InvalidConfigError, match="no 'description'"):
+        collect_bank(base, tokenizer, [TaskData("sums", examples=SUMS)], CollectArguments(**ARGS))
+    with pytest.raises(InvalidConfigError, match="more than once"):
+        collect_bank(base, tokenizer, [TaskData("a", "d", texts=["x"])] * 2, CollectArguments(**ARGS))
