@@ -12,6 +12,9 @@ What it measures (protocol: DESIGN.md §6, issue 4):
 
 1. Bank. For every domain a LoRA (r=8 on q_proj, v_proj of SmolLM2-135M; the same init for every domain) is fine-tuned
    with a learning rate that decays to 0 (cosine), and its checkpoints of the last part of training go into one bank.
+   The fine-tuning is the library's own path, `peft_cvae.collect.train_task_lora` (a `transformers.Trainer` with a
+   `LoraCheckpointCallback`, as `peft-cvae collect` runs it); results committed before issue 11 came from an earlier
+   hand-written AdamW loop (no warm-up, unshuffled blocks), and a rerun trains the LoRAs again.
 2. Seen domains. Two generators are trained on all domains: one conditioned on task *descriptions*
    (all-MiniLM-L6-v2, `TextTaskEncoder`) and one on *in-context task vectors* (ICM-LoRA Eq. 1: SmolLM2's last hidden
    state at the last token, averaged over a few training texts, `HiddenStateTaskEncoder`). On held-out text of each

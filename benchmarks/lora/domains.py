@@ -19,6 +19,7 @@ class TinyTokenizer:
     pad_token_id = 0
     bos_token_id = 0  # the context token evaluate_language_model puts in front of each text
     eos_token_id = None
+    unk_token_id = None
     padding_side = "right"
 
     def __call__(self, texts, **kwargs):
