@@ -16,6 +16,7 @@ __all__ = [
     "save_tiny_causal_lm",
     "save_tiny_clip_tokenizer",
     "save_tiny_text_encoder",
+    "tiny_bpe_tokenizer",
     "tiny_bert",
     "tiny_clip_text_model",
     "tiny_gpt2",
@@ -213,3 +214,23 @@ def save_tiny_causal_lm(folder: str | Path, words=TINY_WORDS, seed: int = 0) -> 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_bpe_tokenizer(texts, vocab_size: int = 300):
+    """A byte-level BPE `PreTrainedTokenizerFast` (any text encodes) with a few merges trained on `texts`, in
+    milliseconds; `<|endoftext|>` is its BOS, EOS and pad token, as in GPT-2-style tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
