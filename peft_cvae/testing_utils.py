@@ -1,20 +1,38 @@
-"""Tiny random models built from configs in milliseconds, for tests and for the examples' offline `--quick` mode.
+"""Tiny random models and tokenizers built in milliseconds, for tests and for the examples' offline `--quick` mode.
 
 Like `transformers.testing_utils` and diffusers' tiny test configs: every builder seeds torch itself, so the same seed
 gives the same weights, and nothing is downloaded. The models are random: they exercise the real PEFT, transformers
-and diffusers code paths, not the quality of a generated LoRA.
+and diffusers code paths, not the quality of a generated LoRA. The `save_tiny_*` builders write a folder that loads
+with `from_pretrained` (model and tokenizer), for code that takes a path, as users' code does.
 """
+
+import json
+from pathlib import Path
 
 import torch
 
 __all__ = [
+    "TINY_WORDS",
+    "save_tiny_causal_lm",
+    "save_tiny_clip_tokenizer",
+    "save_tiny_text_encoder",
+    "tiny_bpe_tokenizer",
     "tiny_bert",
     "tiny_clip_text_model",
+    "tiny_gpt2",
     "tiny_llama",
     "tiny_stable_diffusion_pipeline",
     "tiny_unet",
     "tiny_vae",
 ]
+
+TINY_WORDS = tuple(
+    (
+        "football match report sport news python source code the a of tokens sequences follow ascending descending "
+        "repeating pattern up down again numbers count"
+    ).split()
+)
+"""The default vocabulary of the tiny tokenizers: the words the tests' descriptions and examples use."""
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 64, **config_overrides):
@@ -32,6 +50,14 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64, **config_overrides):
     }
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 64):
+    """A 2-layer `GPT2LMHeadModel` of width 16 (in eval mode): a causal LM that is not Llama-shaped."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2)).eval()
 
 
 def tiny_bert(vocab_size: int, seed: int = 0):
@@ -118,3 +144,93 @@ def tiny_stable_diffusion_pipeline(tokenizer, seed: int = 0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_tiny_clip_tokenizer(folder: str | Path, words=TINY_WORDS):
+    """Write a `CLIPTokenizer` (vocab.json, no merges) whose vocabulary is the special tokens and `words`; return it.
+
+    Without merges, CLIP's BPE keeps a one-character word whole (`a</w>`) and splits longer ones into characters, so
+    each word is in the vocabulary both ways (`word</w>`, `word`); text of other words becomes `<|endoftext|>`.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for token in [word + "</w>" for word in words] + list(words):
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def save_tiny_text_encoder(folder: str | Path, kind: str = "bert", seed: int = 0, words=TINY_WORDS) -> str:
+    """Save a tiny random text encoder with a WordPiece tokenizer of `words` to `folder`; return the folder.
+
+    kind: "bert" (`tiny_bert`, hidden 16), "clip_text" (CLIPTextModel, pooled output) or "clip" (a full CLIPModel
+    whose text embeddings are projected to 12 dimensions). The folder is what `TextTaskEncoder(folder)` takes.
+    """
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    if kind not in ("bert", "clip_text", "clip"):
+        raise ValueError(f"kind must be 'bert', 'clip_text' or 'clip', got {kind!r}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64}
+    clip_text = {**text, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # CLIP pools at the [SEP] token
+    if kind == "bert":
+        model = tiny_bert(len(vocab), seed)
+    elif kind == "clip_text":
+        model = CLIPTextModel(CLIPTextConfig(**clip_text))
+    else:
+        vision = {**sizes, "image_size": 32, "patch_size": 16}
+        model = CLIPModel(CLIPConfig(text_config=clip_text, vision_config=vision, projection_dim=12))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_causal_lm(folder: str | Path, words=TINY_WORDS, seed: int = 0) -> Path:
+    """Save `tiny_llama` with a word-level tokenizer of `words` (split on whitespace; `[EOS]` ends texts, `[PAD]`
+    pads) to `folder`; return the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys([*specials, *words]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    model = tiny_llama(
+        seed, vocab_size=len(vocab), pad_token_id=vocab["[PAD]"], eos_token_id=vocab["[EOS]"], bos_token_id=None
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_bpe_tokenizer(texts, vocab_size: int = 300):
+    """A byte-level BPE `PreTrainedTokenizerFast` (any text encodes) with a few merges trained on `texts`, in
+    milliseconds; `<|endoftext|>` is its BOS, EOS and pad token, as in GPT-2-style tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)

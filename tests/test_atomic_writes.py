@@ -24,7 +24,7 @@ from peft import PeftModel
 
 from peft_cvae import LoraBank, PeftCVAEGenerator, file_utils
 from peft_cvae.file_utils import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
-from tests.testing_utils import tiny_llama
+from peft_cvae.testing_utils import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 

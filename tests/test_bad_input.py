@@ -16,7 +16,7 @@ import torch
 from peft import IA3Config, LoHaConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peft_cvae import (
     ConditionError,
@@ -36,7 +36,8 @@ from peft_cvae import (
     UnsupportedAdapterError,
     train_generator,
 )
-from tests.testing_utils import small_generator_overrides, tiny_llama, tiny_lora_config
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import small_generator_overrides, tiny_lora_config
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -51,10 +52,7 @@ def save_peft_adapter(directory: Path, config=None, state_dict=None, base=None) 
 
 def other_base_model() -> LlamaForCausalLM:
     """A Llama with hidden size 24 instead of 16: the same module names, other shapes."""
-    config = LlamaConfig(
-        hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=24)
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -3,7 +3,8 @@ import torch
 from peft import get_peft_model
 
 from peft_cvae import EmptyBankError, LayoutMismatchError, LoraBank, MissingFileError, UnknownTaskError
-from tests.testing_utils import tiny_llama, tiny_lora_config
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import tiny_lora_config
 
 
 def save_adapter(state_dict, config, directory):
@@ -75,7 +76,7 @@ def test_re_encoding_every_task_may_change_the_condition_size_but_a_partial_one_
     import copy
 
     from peft_cvae import ConditionError, TextTaskEncoder
-    from tests.testing_utils import save_tiny_text_encoder
+    from peft_cvae.testing_utils import save_tiny_text_encoder
 
     encoder = TextTaskEncoder(save_tiny_text_encoder(tmp_path / "encoder"))  # 16 numbers; the bank has 8
     bank = copy.deepcopy(bank)

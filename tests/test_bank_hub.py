@@ -13,8 +13,9 @@ from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
 from peft_cvae import LoraBank, MissingFileError
+from peft_cvae.testing_utils import tiny_llama
 from tests.test_bank import assert_banks_equal
-from tests.testing_utils import tiny_llama, tiny_lora_config
+from tests.testing_utils import tiny_lora_config
 
 
 def push_adapter(state_dict: dict[str, torch.Tensor], repo_id: str) -> None:

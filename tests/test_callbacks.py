@@ -15,7 +15,8 @@ from peft_cvae import (
     UnsupportedAdapterError,
     train_generator,
 )
-from tests.testing_utils import task_batch, tiny_llama, tiny_lora_config
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import task_batch, tiny_lora_config
 
 
 def task_dataset(task: str, size: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -10,12 +10,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_cvae import LoraBank, PeftCVAEGenerator
 from peft_cvae.cli import main
-from peft_cvae.testing_utils import tiny_bert, tiny_llama
+from peft_cvae.testing_utils import tiny_bert, tiny_bpe_tokenizer, tiny_llama
 
 COMMANDS = ["collect", "train", "generate", "evaluate", "info", "plot"]
 TASK_TEXTS = {  # three easily told apart "domains"
@@ -45,18 +44,7 @@ LORA_FLAGS += ["--lora-r", "2", "--lr", "3e-2"]
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (any text encodes) with a few merges, trained in milliseconds."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([make(i) for make in TASK_TEXTS.values() for i in range(4)], trainer)
-    special = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
+    return tiny_bpe_tokenizer([make(i) for make in TASK_TEXTS.values() for i in range(4)])
 
 
 @pytest.fixture(scope="module")

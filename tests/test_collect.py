@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from peft_cvae import LoraBank
@@ -23,7 +22,7 @@ from peft_cvae.collect import (
     train_task_lora,
 )
 from peft_cvae.errors import InvalidConfigError, PeftCVAEError
-from peft_cvae.testing_utils import tiny_llama
+from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama
 
 CORPUS = [" ".join(str((i * 7 + k) % 100) for k in range(40)) for i in range(4)] + [
     "Q: what is 2 plus 3? A: 5",
@@ -36,18 +35,7 @@ ARGS = {"steps": 12, "batch_size": 4, "max_length": 24, "lora_r": 2, "lr": 3e-2,
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (any text encodes) with a few merges, trained in milliseconds."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    special = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
+    return tiny_bpe_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import CLIPTokenizer  # noqa: E402
 
 from peft_cvae import (  # noqa: E402
     CorruptFileError,
@@ -34,8 +33,8 @@ from peft_cvae.diffusers_utils import (  # noqa: E402
     get_diffusers_lora_state_dict,
     load_diffusers_lora,
 )
-from peft_cvae.testing_utils import tiny_stable_diffusion_pipeline, tiny_unet  # noqa: E402
-from tests.testing_utils import small_generator_overrides  # noqa: E402
+from peft_cvae.testing_utils import save_tiny_clip_tokenizer, tiny_stable_diffusion_pipeline, tiny_unet  # noqa: E402
+from tests.testing_utils import fine_tune, small_generator_overrides  # noqa: E402
 
 RANK, ALPHA = 2, 6  # alpha != r on purpose: diffusers would rescale by r / alpha if it lost the alpha
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -59,29 +58,22 @@ def train_unet_lora(task: str, steps: int = 12, keep_from: int = 6):
     unet = tiny_unet()
     torch.manual_seed(1)  # the same LoRA init for every task, as with a fixed training seed
     unet.add_adapter(unet_lora_config())
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=2e-2)
     data = torch.Generator().manual_seed(2)
-    checkpoints = []
-    unet.train()
-    for step in range(1, steps + 1):
+
+    def loss(unet):
         latents = torch.randn(4, 4, 16, 16, generator=data)
         text = torch.randn(4, 5, 8, generator=data)
-        loss = torch.nn.functional.mse_loss(unet(latents, 10, text).sample, TASKS[task](latents))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step >= keep_from and step % 2 == 0:
-            checkpoints.append((step, get_diffusers_lora_state_dict(unet)))
+        return torch.nn.functional.mse_loss(unet(latents, 10, text).sample, TASKS[task](latents))
+
+    checkpoints = fine_tune(
+        unet, loss, steps=steps, keep_from=keep_from, every=2, state_dict=get_diffusers_lora_state_dict
+    )
     return unet.eval(), checkpoints
 
 
 def tiny_pipeline(folder) -> StableDiffusionPipeline:
     """A complete Stable Diffusion pipeline of tiny random models, with a real CLIP tokenizer of seven tokens."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "b</w>": 4, "a": 5, "b": 6}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    return tiny_stable_diffusion_pipeline(tokenizer)
+    return tiny_stable_diffusion_pipeline(save_tiny_clip_tokenizer(folder, words=("a", "b")))
 
 
 def strip(state_dict):

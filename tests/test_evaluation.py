@@ -8,7 +8,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_cvae.evaluation import evaluate_language_model, language_model_metric
-from tests.testing_utils import tiny_llama
+from peft_cvae.testing_utils import tiny_llama
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 TEXTS = [

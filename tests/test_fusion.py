@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from peft_cvae import ConditionError
-from tests.testing_utils import tiny_llama
+from peft_cvae.testing_utils import tiny_llama
 
 
 def same_adapter(first, second) -> bool:

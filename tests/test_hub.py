@@ -16,7 +16,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from peft_cvae import LoraLayout, PeftCVAEGenerator, train_generator
 from peft_cvae.model_card import GENERATOR_TAGS, adapter_model_card
-from tests.testing_utils import TASKS, small_generator_overrides, tiny_llama
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import TASKS, small_generator_overrides
 
 TOKENS = torch.arange(12)[None]
 MINILM = {"kind": "text", "name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}

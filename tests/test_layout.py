@@ -6,16 +6,13 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from peft_cvae import LayoutMismatchError, LoraLayout, NonFiniteError, UnsupportedAdapterError
-from tests.testing_utils import tiny_llama, tiny_lora_config
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import tiny_lora_config
 
 
 def random_lora(config: LoraConfig, seed: int = 0, hidden_size: int | None = None):
     """A PeftModel whose LoRA tensors are all random (B too), so every element of the vector matters."""
-    base = tiny_llama()
-    if hidden_size is not None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        base = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "hidden_size": hidden_size}))
+    base = tiny_llama() if hidden_size is None else tiny_llama(hidden_size=hidden_size)
     model = get_peft_model(base, config)
     torch.manual_seed(seed)
     for name, parameter in model.named_parameters():

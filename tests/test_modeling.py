@@ -11,7 +11,8 @@ from peft_cvae import (
     UnknownTaskError,
     train_generator,
 )
-from tests.testing_utils import TASKS, small_generator_overrides, tiny_llama
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import TASKS, small_generator_overrides
 
 
 def test_training_lowers_the_loss(trained_generator):

@@ -14,7 +14,8 @@ import torch
 from accelerate import Accelerator
 
 from peft_cvae import GeneratedAdapter, LoraBank, NonFiniteError, PeftCVAEGenerator, train_generator
-from tests.testing_utils import TASKS, small_generator_overrides, tiny_llama
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import TASKS, small_generator_overrides
 
 
 def rescaled_bank(bank: LoraBank, a_scale: float, b_scale: float, dtype=None) -> LoraBank:

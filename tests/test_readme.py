@@ -6,7 +6,8 @@ from pathlib import Path
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
-from tests.testing_utils import tiny_llama, tiny_lora_config
+from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import tiny_lora_config
 
 README = Path(__file__).parent.parent / "README.md"
 

