@@ -9,6 +9,7 @@ __all__ = [
     "ConditionError",
     "CorruptFileError",
     "EmptyBankError",
+    "InvalidArgumentError",
     "InvalidConfigError",
     "LayoutMismatchError",
     "MissingFileError",
@@ -62,3 +63,9 @@ class MissingFileError(PeftCVAEError, FileNotFoundError):
 
 class NotWritableError(PeftCVAEError, OSError):
     """An output folder cannot be created or written (no permission, read-only disk, a file in the way)."""
+
+
+class InvalidArgumentError(PeftCVAEError, ValueError, TypeError):
+    """An argument has the wrong type or an out-of-range value (e.g. `num_samples=0`, `temperature=-1`, a str seed).
+
+    Also a `TypeError`, so code that caught the raw `TypeError` of a wrongly typed argument keeps working."""
