@@ -12,6 +12,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidConfigError",
     "LayoutMismatchError",
+    "MissingExtraError",
     "MissingFileError",
     "NonFiniteError",
     "NotWritableError",
@@ -69,3 +70,7 @@ class InvalidArgumentError(PeftCVAEError, ValueError, TypeError):
     """An argument has the wrong type or an out-of-range value (e.g. `num_samples=0`, `temperature=-1`, a str seed).
 
     Also a `TypeError`, so code that caught the raw `TypeError` of a wrongly typed argument keeps working."""
+
+
+class MissingExtraError(PeftCVAEError, ImportError):
+    """An optional dependency of peft-cvae (one of its extras) is not installed; the message names the extra."""

@@ -1,7 +1,9 @@
 """Generation: from a task (a name, a description, example texts, a condition tensor or a list of those to fuse) to
 LoRA adapters, with a trained `PeftCVAEGenerator`.
 
-Kept apart from the network as transformers keeps `GenerationMixin` apart from its models: `modeling_peft_cvae.py`
+Kept apart from the network as transformers keeps its `GenerationMixin` apart from its models (the name differs on
+purpose: transformers treats any base class whose name holds "GenerationMixin" as text generation and writes a
+generation_config.json): `modeling_peft_cvae.py`
 says what the generator computes (encode, decode, the loss); this module says how a user's request becomes a
 condition, a latent z and an adapter file. The mixin relies on the model's `config`, `task_conditions`,
 `param_offset`, `decoder`, `decode`, `denormalize`, `unpatchify` and `_check_condition`.
@@ -24,7 +26,7 @@ from .adapter import GeneratedAdapter
 from .errors import ConditionError, InvalidArgumentError, NonFiniteError, UnknownTaskError
 from .task_encoding import load_task_encoder
 
-__all__ = ["PeftCVAEGenerationMixin"]
+__all__ = ["GenerateAdapterMixin"]
 
 COMBINE_MODES = ("condition", "parameters")
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -106,7 +108,7 @@ def _check_generation_arguments(
         )
 
 
-class PeftCVAEGenerationMixin:
+class GenerateAdapterMixin:
     """Task resolution, fusion, sampling and `generate_adapter` for `PeftCVAEGenerator`."""
 
     # ---- task -> condition --------------------------------------------------------------------------------------
