@@ -3,71 +3,56 @@
 A bank holds, in order, (task, step, state dict) checkpoints that all share one `LoraLayout`, and one condition vector
 (plus an optional description) per task. It is saved as a folder:
 
-    bank.json                    manifest: format version, layout, tasks, checkpoints (task, step, file, sha256)
+    bank.json                    manifest: format version, layout, tasks, checkpoints (task, step, file)
     conditions.safetensors       one condition vector per task, keyed by task name
     checkpoints/00000.safetensors   one PEFT state dict per checkpoint (the same tensors as adapter_model.safetensors)
+    peft_cvae_integrity.json     the sha256 of each file above, written last (banks saved before it: in bank.json)
 
-Nothing is pickled; every file is JSON or safetensors.
+Nothing is pickled; every file is JSON or safetensors (integrity: `peft_cvae.integrity`).
+
+Size of this file (~500 lines, over the ~400 guideline): one class, building (from checkpoints, adapter folders or Hub
+repos), reading and saving a bank; the shared pieces (adapter reading, Hub download and push, integrity) live in
+`adapter_io.py`, `hub.py` and `integrity.py`.
 """
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_download
-from huggingface_hub.errors import (
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import DatasetCard, DatasetCardData
 
-from .errors import ConditionError, CorruptFileError, EmptyBankError, MissingFileError, UnknownTaskError
-from .file_utils import atomic_directory, read_json, read_safetensors, sha256_file, write_json, write_safetensors
-from .layout import LoraLayout, adapter_library, load_adapter
+from .adapter_io import adapter_library, load_adapter
+from .constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    BANK_CHECKPOINTS_FOLDER,
+    BANK_FORMAT_VERSION,
+    BANK_MANIFEST_NAME,
+    CARD_NAME,
+    CONDITIONS_NAME,
+    INTEGRITY_NAME,
+)
+from .errors import (
+    ConditionError,
+    CorruptFileError,
+    EmptyBankError,
+    MissingFileError,
+    UnknownTaskError,
+)
+from .file_utils import atomic_directory, folder_lock, write_json, write_safetensors
+from .hub import download_from_hub, is_repo_id, push_folder_to_hub
+from .integrity import VerifiedFolder, write_integrity_record
+from .layout import LoraLayout
 from .task_data import check_task_name
 
-__all__ = ["LoraBank", "LoraCheckpoint"]
+__all__ = ["BANK_MANIFEST_NAME", "LoraBank", "LoraCheckpoint"]
 
-BANK_MANIFEST_NAME = "bank.json"
-CONDITIONS_NAME = "conditions.safetensors"
-BANK_FORMAT_VERSION = 1
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all that is read of a PEFT adapter repo
-BANK_FILE_PATTERNS = [BANK_MANIFEST_NAME, CONDITIONS_NAME, "checkpoints/*.safetensors"]  # all a bank repo holds
-
-
-def _download_from_hub(
-    repo_id: str, *, repo_type: str, files: list[str], what: str, revision: str | None, token: str | bool | None
-) -> Path:
-    """Download `files` (glob patterns) of one commit of a Hub repo; turn every "not there" into `MissingFileError`."""
-    kind = "dataset repo" if repo_type == "dataset" else "repo"
-    at = f" at revision {revision!r}" if revision else ""
-    try:
-        folder = snapshot_download(repo_id, repo_type=repo_type, allow_patterns=files, revision=revision, token=token)
-    except RevisionNotFoundError as error:
-        raise MissingFileError(
-            f"The Hub {kind} {repo_id!r} has no revision {revision!r}. Pass an existing branch, tag or commit."
-        ) from error
-    except RepositoryNotFoundError as error:  # also gated repos and private repos without a token
-        raise MissingFileError(
-            f"The Hub {kind} {repo_id!r} (expected: {what}) does not exist or you cannot access it. Check the repo "
-            "id, and pass token= (or log in with `hf auth login`) for a private repo."
-        ) from error
-    except HFValidationError as error:
-        raise MissingFileError(
-            f"{repo_id!r} is not a valid Hub repo id ({error}); expected 'name' or 'namespace/name'. For adapter "
-            "folders on disk use LoraBank.from_adapters; for a bank folder, LoraBank.from_pretrained(Path(...))."
-        ) from error
-    except LocalEntryNotFoundError as error:  # offline, or the Hub cannot be reached, and nothing is cached
-        raise MissingFileError(
-            f"Cannot download the Hub {kind} {repo_id!r}{at}: the Hub cannot be reached and it is not in the "
-            f"local cache ({error}). Connect to the Hub, or pass a local folder."
-        ) from error
-    return Path(folder)
+ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)  # all that is read of a PEFT adapter repo, with the record
+# all a bank repo holds that is loaded
+BANK_FILE_PATTERNS = [BANK_MANIFEST_NAME, CONDITIONS_NAME, f"{BANK_CHECKPOINTS_FOLDER}/*.safetensors", INTEGRITY_NAME]
+BANK_CARD_TEMPLATE = Path(__file__).parent / "templates" / "bank_card.md"
 
 
 def _check_manifest_entries(manifest: dict, where: Path) -> None:
@@ -110,18 +95,6 @@ def _check_manifest_entries(manifest: dict, where: Path) -> None:
         )
 
 
-def _check_sha256(path: Path, expected: str | None, what: str) -> None:
-    """Raise `CorruptFileError` if a file's SHA-256 differs from the one the manifest recorded (if it recorded one)."""
-    if expected is None:
-        return
-    found = sha256_file(path)
-    if found != expected:
-        raise CorruptFileError(
-            f"The {what} {path} has sha256 {found[:12]}..., but the bank manifest recorded {expected[:12]}...: the "
-            "file changed or was damaged after the bank was saved. Copy or download the whole bank again."
-        )
-
-
 @dataclass
 class LoraCheckpoint:
     """One LoRA checkpoint of a task: its PEFT state dict and the training step it was taken at (if known)."""
@@ -154,9 +127,13 @@ class LoraBank:
     # ---- building -----------------------------------------------------------------------------------------------
     def add_checkpoint(self, task: str, state_dict: dict[str, torch.Tensor], step: int | None = None) -> None:
         """Append a checkpoint; its keys and shapes must match the bank's layout."""
-        check_task_name(task)  # names become folder and Hub path components: refuse "../x", "/abs", "", NUL
+        check_task_name(task)  # names become folder and Hub path components: refuse "../x", "/abs", "", " ", NUL
         self.layout.flatten(state_dict)  # checks layout and finiteness, raising a clear error
-        state_dict = {key: state_dict[key].detach().cpu().clone() for key in self.layout.keys}
+        # Stored in the layout's dtype, as every checkpoint file of the bank must be: a float32 checkpoint in a float16
+        # bank is cast (as PEFT casts an adapter to the model's dtype) instead of failing when the bank is loaded.
+        dtype = self.layout.torch_dtype
+        state_dict = {key: state_dict[key].detach().cpu().to(dtype).clone() for key in self.layout.keys}
+        self.layout.flatten(state_dict)  # a value beyond the range of the layout's dtype is refused here, not at load
         self.checkpoints.append(LoraCheckpoint(task=task, state_dict=state_dict, step=step))
 
     def set_condition(self, task: str, condition: torch.Tensor, description: str | None = None) -> None:
@@ -265,10 +242,10 @@ class LoraBank:
         for task, repo_ids in repo_ids_by_task.items():
             folders[task] = []
             for repo_id in [repo_ids] if isinstance(repo_ids, str) else repo_ids:
-                folder = _download_from_hub(
+                folder = download_from_hub(
                     repo_id,
                     repo_type="model",
-                    files=list(ADAPTER_FILES),
+                    files=[*ADAPTER_FILES, INTEGRITY_NAME],  # the record only where peft-cvae wrote the adapter
                     what="a PEFT LoRA adapter",
                     revision=revision,
                     token=token,
@@ -341,30 +318,33 @@ class LoraBank:
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the bank folder (manifest + safetensors), atomically."""
-        entries = []
+        """Write the bank folder (manifest, conditions, one safetensors file per checkpoint, and last the integrity
+        record that lists the sha256 of each of them), atomically."""
         with atomic_directory(save_directory) as staging:
-            (staging / "checkpoints").mkdir()
-            for index, checkpoint in enumerate(self.checkpoints):
-                file = f"checkpoints/{index:05d}.safetensors"
-                write_safetensors(checkpoint.state_dict, staging / file)
-                sha256 = sha256_file(staging / file)  # checked on load: safetensors has no checksum of its own
-                entries.append({"task": checkpoint.task, "step": checkpoint.step, "file": file, "sha256": sha256})
-            if self._conditions:
-                write_safetensors(self._conditions, staging / CONDITIONS_NAME)
-            manifest = {
-                "format_version": BANK_FORMAT_VERSION,
-                "layout": self.layout.to_dict(),
-                "condition_encoder": self.condition_encoder,
-                "tasks": [{"name": task, "description": self.description(task)} for task in self.task_names],
-                "checkpoints": entries,
-            }
-            if self._conditions:
-                manifest["conditions_sha256"] = sha256_file(staging / CONDITIONS_NAME)
-            write_json(manifest, staging / BANK_MANIFEST_NAME)
+            self._write(staging)
+
+    def _write(self, folder: Path) -> None:
+        entries = []
+        (folder / BANK_CHECKPOINTS_FOLDER).mkdir()
+        for index, checkpoint in enumerate(self.checkpoints):
+            file = f"{BANK_CHECKPOINTS_FOLDER}/{index:05d}.safetensors"
+            write_safetensors(checkpoint.state_dict, folder / file)
+            entries.append({"task": checkpoint.task, "step": checkpoint.step, "file": file})
+        if self._conditions:
+            write_safetensors(self._conditions, folder / CONDITIONS_NAME)
+        manifest = {
+            "format_version": BANK_FORMAT_VERSION,
+            "layout": self.layout.to_dict(),
+            "condition_encoder": self.condition_encoder,
+            "tasks": [{"name": task, "description": self.description(task)} for task in self.task_names],
+            "checkpoints": entries,
+        }
+        write_json(manifest, folder / BANK_MANIFEST_NAME)
+        write_integrity_record(folder)  # last: covers the manifest, the conditions and every checkpoint
 
     def dataset_card(self, repo_id: str | None = None) -> DatasetCard:
-        """The README.md of the bank's Hub dataset repo: YAML metadata, the tasks and how to load the bank."""
+        """The README.md of the bank's Hub dataset repo (`templates/bank_card.md`): YAML metadata, the tasks and how
+        to load the bank."""
         config = self.layout.lora_config
         base_model = config.get("base_model_name_or_path")
         tasks = self.task_names
@@ -383,38 +363,27 @@ class LoraBank:
                 "parameters_per_checkpoint": self.layout.numel,
             },
         )
-        rows = "\n".join(
-            f"| {task} | {len(self.checkpoints_of(task))} | "
-            f"{', '.join(str(c.step) for c in self.checkpoints_of(task) if c.step is not None) or '-'} | "
-            f"{self.description(task).replace('|', '/')} |"
+        rows = [
+            {
+                "name": task,
+                "checkpoints": len(self.checkpoints_of(task)),
+                "steps": ", ".join(str(c.step) for c in self.checkpoints_of(task) if c.step is not None) or "-",
+                "description": self.description(task).replace("|", "/"),
+            }
             for task in tasks
+        ]
+        return DatasetCard.from_template(
+            metadata,
+            template_path=str(BANK_CARD_TEMPLATE),
+            repo_id=repo_id or "<this repo>",
+            num_checkpoints=len(self),
+            base_model=base_model,
+            tasks=rows,
+            rank=config.get("r"),
+            lora_alpha=config.get("lora_alpha"),
+            target_modules=config.get("target_modules"),
+            parameters=self.layout.numel,
         )
-        content = f"""---
-{metadata.to_yaml()}
----
-
-# LoRA bank
-
-{len(self)} LoRA checkpoints of {f"`{base_model}`" if base_model else "one base model (not named in its LoRA config)"}
-for {len(tasks)} task(s), collected to train a [peft-cvae](https://pypi.org/project/peft-cvae/) LoRA generator: rank
-{config.get("r")}, alpha {config.get("lora_alpha")}, target modules {config.get("target_modules")},
-{self.layout.numel:,} parameters per checkpoint. Every file is safetensors or JSON; `bank.json` lists the checkpoints.
-
-| task | checkpoints | steps | description |
-|---|---|---|---|
-{rows}
-
-## Use
-
-```python
-from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
-
-bank = LoraBank.from_pretrained("{repo_id or "<this repo>"}")
-generator = PeftCVAEGenerator.from_bank(bank)
-train_generator(generator, bank)
-```
-"""
-        return DatasetCard(content)
 
     def push_to_hub(
         self,
@@ -430,19 +399,21 @@ train_generator(generator, bank)
         Checkpoint files left in the repo by an earlier, larger push are deleted in the same commit. Load the bank
         back with `LoraBank.from_pretrained(repo_id)`. Returns huggingface_hub's `CommitInfo`.
         """
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory(prefix="peft-cvae-bank-") as folder:
+
+        def save(folder: Path, full_repo_id: str) -> None:
             self.save_pretrained(folder)
-            self.dataset_card(repo_id).save(Path(folder) / "README.md")
-            return api.upload_folder(
-                repo_id=repo_id,
-                repo_type="dataset",
-                folder_path=folder,
-                revision=revision,
-                commit_message=commit_message or f"Upload LoRA bank ({len(self)} checkpoints) with peft-cvae",
-                delete_patterns=["checkpoints/*.safetensors"],
-            )
+            self.dataset_card(full_repo_id).save(folder / CARD_NAME)
+
+        return push_folder_to_hub(
+            save,
+            repo_id,
+            repo_type="dataset",
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message or f"Upload LoRA bank ({len(self)} checkpoints) with peft-cvae",
+            delete_patterns=[f"{BANK_CHECKPOINTS_FOLDER}/*.safetensors"],
+        )
 
     @classmethod
     def from_pretrained(
@@ -456,11 +427,12 @@ train_generator(generator, bank)
 
         A string that is not an existing folder but a valid repo id (`"user/my-bank"`) is downloaded from the Hub
         (only the manifest and safetensors files; `revision` and `token` apply to it). A `pathlib.Path` is always
-        local.
+        local. Every file is read once and checked against the bank's integrity record (banks saved before it
+        existed: against the sha256 their manifest recorded) before it is parsed.
         """
         root = None  # every checkpoint file must resolve (symlinks followed) to a path inside this folder
-        if isinstance(directory, str) and not Path(directory).exists() and _is_repo_id(directory):
-            directory = _download_from_hub(
+        if isinstance(directory, str) and not Path(directory).exists() and is_repo_id(directory):
+            directory = download_from_hub(
                 directory,
                 repo_type="dataset",
                 files=BANK_FILE_PATTERNS,
@@ -471,8 +443,13 @@ train_generator(generator, bank)
             # in the Hugging Face cache, snapshots/<commit>/<file> is a symlink to blobs/<hash> of the same repo folder
             root = directory.parent.parent
         directory = Path(directory)
-        root = (root or directory).resolve()
-        manifest = read_json(directory / BANK_MANIFEST_NAME, what="bank manifest")
+        with folder_lock(directory):
+            return cls._read(VerifiedFolder(directory, what="bank"), (root or directory).resolve())
+
+    @classmethod
+    def _read(cls, files: VerifiedFolder, root: Path) -> "LoraBank":
+        directory = files.folder
+        manifest = files.read_json(BANK_MANIFEST_NAME, what="bank manifest")
         for name, kind in (("format_version", int), ("layout", dict), ("tasks", list), ("checkpoints", list)):
             if not isinstance(manifest.get(name), kind):
                 raise CorruptFileError(
@@ -499,8 +476,9 @@ train_generator(generator, bank)
                     f"The bank manifest lists {entry['file']} but {path} does not exist. The bank folder is "
                     "incomplete: copy or download all of it again."
                 )
-            _check_sha256(path, entry.get("sha256"), "bank checkpoint")
-            state_dict = read_safetensors(path, what="bank checkpoint")
+            state_dict = files.read_safetensors(
+                relative.as_posix(), what="bank checkpoint", expected_sha256=entry.get("sha256")
+            )
             dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()})
             if dtypes and dtypes != [bank.layout.dtype]:
                 raise CorruptFileError(
@@ -509,20 +487,16 @@ train_generator(generator, bank)
                 )
             bank.add_checkpoint(entry["task"], state_dict, entry.get("step"))
         descriptions = {task["name"]: task.get("description", "") for task in manifest["tasks"]}
-        if (directory / CONDITIONS_NAME).exists():
-            _check_sha256(directory / CONDITIONS_NAME, manifest.get("conditions_sha256"), "bank conditions file")
-            for task, condition in read_safetensors(directory / CONDITIONS_NAME, what="bank conditions").items():
+        if manifest.get("conditions_sha256") is not None and not files.exists(CONDITIONS_NAME):
+            raise MissingFileError(
+                f"The bank manifest {directory / BANK_MANIFEST_NAME} records {CONDITIONS_NAME}, but the file is "
+                "missing: the bank folder is incomplete. Copy or download all of it again."
+            )
+        if files.exists(CONDITIONS_NAME):
+            conditions = files.read_safetensors(
+                CONDITIONS_NAME, what="bank conditions file", expected_sha256=manifest.get("conditions_sha256")
+            )
+            for task, condition in conditions.items():
                 bank.set_condition(task, condition)
         bank._descriptions.update({task: text for task, text in descriptions.items() if text})
         return bank
-
-
-def _is_repo_id(name: str) -> bool:
-    """Whether `name` reads as a Hub repo id (`name` or `namespace/name`) rather than a path."""
-    if name.count("/") > 1 or name.startswith((".", "/", "~")) or "\\" in name:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True

@@ -13,42 +13,31 @@ The diffusers file is written by diffusers itself (`StableDiffusionPipeline.save
 `lora_adapter_metadata`. Without that metadata diffusers assumes `lora_alpha = r` and silently rescales the adapter by
 `r / lora_alpha`, so it is always written, and required when a diffusers file is read back.
 
-diffusers is an optional dependency (`pip install "peft-cvae[diffusers]"`); it is imported only when needed.
+diffusers is an optional dependency (`pip install "peft-cvae[diffusers]"`); it is imported only when needed. Reading
+diffusers LoRA folders lives in `peft_cvae.adapter_io` with the other adapter readers.
 """
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from .errors import CorruptFileError, MissingFileError, UnsupportedAdapterError
+from .constants import DIFFUSERS_WEIGHTS_NAME
+from .errors import UnsupportedAdapterError
+from .import_utils import require_diffusers
 
 __all__ = [
     "DIFFUSERS_WEIGHTS_NAME",
     "get_diffusers_lora_state_dict",
     "is_diffusers_unet",
-    "load_diffusers_lora",
     "save_diffusers_lora_weights",
 ]
 
-# diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE: the file `load_lora_weights(dir)` looks for.
-DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # PEFT's saved keys for a `PeftModel` around the UNet start with this; diffusers' keys start with the component name.
 PEFT_PREFIX = "base_model.model."
 UNET_PREFIX = "unet"
-
-
-def _import_diffusers():
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ImportError(
-            'LoRAs on diffusion models need diffusers: pip install "peft-cvae[diffusers]" (or pip install diffusers).'
-        ) from error
-    return diffusers
 
 
 def is_diffusers_unet(model) -> bool:
@@ -96,8 +85,8 @@ def save_diffusers_lora_weights(
     config as a dict and is stored as `lora_adapter_metadata`, so diffusers rebuilds the same `lora_alpha`. The caller
     makes the write atomic (`GeneratedAdapter.save_pretrained` writes into a staging folder).
     """
-    _import_diffusers()
-    from diffusers import StableDiffusionPipeline
+    require_diffusers()
+    from diffusers import StableDiffusionPipeline  # an optional dependency, imported only when it is needed
     from diffusers.utils import convert_state_dict_to_diffusers
 
     outside = [key for key in state_dict if not key.startswith(PEFT_PREFIX)]
@@ -112,51 +101,3 @@ def save_diffusers_lora_weights(
         unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
         unet_lora_adapter_metadata=dict(lora_config),
     )
-
-
-def load_diffusers_lora(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read the UNet LoRA of a diffusers LoRA folder (`pytorch_lora_weights.safetensors`, as written by
-    `save_lora_weights` or `unet.save_lora_adapter`): its LoRA config as a dict and its state dict in PEFT saved form.
-
-    The file must carry `lora_adapter_metadata` (diffusers' training scripts write it): without it the LoRA's
-    `lora_alpha` is unknown.
-    """
-    _import_diffusers()
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    from .layout import lora_config_to_dict
-
-    file = Path(path) / DIFFUSERS_WEIGHTS_NAME
-    if not file.is_file():
-        raise MissingFileError(f"{path} has no {DIFFUSERS_WEIGHTS_NAME}, so it is not a diffusers LoRA folder.")
-    try:
-        state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path), weight_name=DIFFUSERS_WEIGHTS_NAME, return_lora_metadata=True
-        )
-    except Exception as error:  # safetensors raises its own error types for truncated files
-        raise CorruptFileError(f"{file} is not a readable diffusers LoRA file ({error}). Save it again.") from error
-    if any(key.startswith("text_encoder") for key in state_dict):
-        raise UnsupportedAdapterError(
-            f"{file} also holds text-encoder LoRA tensors; peft-cvae generates UNet LoRAs only. Train the bank's "
-            "LoRAs on the UNet alone."
-        )
-    # Pipeline-level files (`save_lora_weights`) prefix keys and metadata with "unet."; model-level files
-    # (`unet.save_lora_adapter`) do not.
-    prefix = f"{UNET_PREFIX}." if any(key.startswith(f"{UNET_PREFIX}.") for key in state_dict) else ""
-    unet_keys = [key for key in state_dict if key.startswith(prefix)]
-    if network_alphas or len(unet_keys) != len(state_dict) or not all(".lora" in key for key in unet_keys):
-        raise UnsupportedAdapterError(
-            f"{file} is not a UNet LoRA in diffusers format (keys 'unet.<module>.lora...'); found keys such as "
-            f"{next(iter(state_dict), None)!r}. Kohya/A1111 files are not supported: load them into a pipeline and "
-            "save them with save_lora_weights(..., unet_lora_adapter_metadata=...)."
-        )
-    config = {key.removeprefix(prefix): value for key, value in (metadata or {}).items() if key.startswith(prefix)}
-    if not config:
-        raise UnsupportedAdapterError(
-            f"{file} has no lora_adapter_metadata for the UNet, so its lora_alpha is unknown (diffusers would assume "
-            "lora_alpha = r). Save it with save_lora_weights(..., unet_lora_adapter_metadata=lora_config.to_dict())."
-        )
-    config.setdefault("peft_type", "LORA")
-    unet_state = convert_unet_state_dict_to_peft({key.removeprefix(prefix): state_dict[key] for key in unet_keys})
-    return lora_config_to_dict(config), {PEFT_PREFIX + key: tensor for key, tensor in unet_state.items()}

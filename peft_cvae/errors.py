@@ -9,8 +9,10 @@ __all__ = [
     "ConditionError",
     "CorruptFileError",
     "EmptyBankError",
+    "InvalidArgumentError",
     "InvalidConfigError",
     "LayoutMismatchError",
+    "MissingExtraError",
     "MissingFileError",
     "NonFiniteError",
     "NotWritableError",
@@ -62,3 +64,13 @@ class MissingFileError(PeftCVAEError, FileNotFoundError):
 
 class NotWritableError(PeftCVAEError, OSError):
     """An output folder cannot be created or written (no permission, read-only disk, a file in the way)."""
+
+
+class InvalidArgumentError(PeftCVAEError, ValueError, TypeError):
+    """An argument has the wrong type or an out-of-range value (e.g. `num_samples=0`, `temperature=-1`, a str seed).
+
+    Also a `TypeError`, so code that caught the raw `TypeError` of a wrongly typed argument keeps working."""
+
+
+class MissingExtraError(PeftCVAEError, ImportError):
+    """An optional dependency of peft-cvae (one of its extras) is not installed; the message names the extra."""

@@ -4,31 +4,38 @@ Writes go to a temporary path next to the destination (`.<name>.tmp-*`) and are 
 file is complete, so an exception (or a crash) in the middle of a save leaves the previous version untouched; a failure
 while moving a folder's files into place puts back the files already moved.
 Reads accept only safetensors and JSON: nothing is ever unpickled.
+
+Every save of a folder and every load of one holds `folder_lock(folder)`, an inter-process file lock (filelock, a
+huggingface_hub dependency), so two processes saving into one folder, or one saving while another loads, never mix
+files of two versions.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from .errors import CorruptFileError, MissingFileError, NotWritableError
 
 __all__ = [
     "atomic_directory",
-    "check_data_sha256",
+    "folder_lock",
+    "parse_json",
+    "parse_safetensors",
     "read_json",
     "read_safetensors",
+    "sha256_bytes",
     "sha256_file",
-    "stamp_data_sha256",
     "write_json",
     "write_safetensors",
 ]
@@ -45,17 +52,66 @@ def atomic_directory(destination: str | os.PathLike):
     """
     destination = Path(destination)
     _check_writable_destination(destination)
-    created = _first_missing_ancestor(destination)  # the folder this call will create, if any
-    staging = _make_staging(destination)
+    with folder_lock(destination):
+        created = _first_missing_ancestor(destination)  # the folder this call will create, if any
+        staging = _make_staging(destination)
+        try:
+            yield staging
+            _move_into_place(staging, destination)
+        except BaseException as error:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            if _is_disk_full(error):
+                raise _disk_full(destination, error) from error
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+_LOCKS: dict[str, FileLock] = {}  # one lock object per folder and process, so nested holds are re-entrant
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, timeout: float = 600):
+    """Hold the inter-process lock of a saved folder (a generator, bank or adapter) while it is written or read.
+
+    The lock file lives in the system's temporary folder (`peft-cvae-locks/<hash of the folder's path>.lock`), not
+    in or beside the folder: that works for read-only folders (the Hugging Face cache) and leaves the user's folders
+    as they were. Where no lock file can be created, the folder is used without one.
+    """
+    lock = _lock_of(Path(folder), timeout)
+    acquired = False
+    if lock is not None:
+        try:
+            lock.acquire()
+            acquired = True
+        except Timeout as error:
+            raise NotWritableError(
+                f"{folder} has been locked by another process for {timeout:.0f} s (a save or load still running, or "
+                f"a stale lock {lock.lock_file}). Wait for it to finish, or remove that lock "
+                "file if no process holds it."
+            ) from error
+        except OSError:  # the lock file cannot be created or opened (a read-only or foreign temporary folder)
+            pass
     try:
-        yield staging
-        _move_into_place(staging, destination)
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if acquired:
+            lock.release()
+
+
+def _lock_of(folder: Path, timeout: float = 600) -> FileLock | None:
+    key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:32]
+    if key not in _LOCKS:
+        directory = Path(tempfile.gettempdir()) / "peft-cvae-locks"
+        try:
+            directory.mkdir(exist_ok=True)
+            if directory.stat().st_uid == os.getuid():
+                directory.chmod(0o1777)  # shared by every user, like /tmp itself
+        except OSError:
+            return None
+        _LOCKS[key] = FileLock(directory / f"{key}.lock", mode=0o666, timeout=timeout)
+    return _LOCKS[key]
 
 
 def _make_staging(destination: Path) -> Path:
@@ -97,6 +153,24 @@ def _check_writable_destination(destination: Path) -> None:
                     "folder that does not exist yet or is a folder you can write to."
                 )
             return
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed for lack of space (an OSError, or safetensors' own error wrapping one)."""
+    if isinstance(error, NotWritableError):
+        return False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, (OSError, SafetensorError)) and "No space left" in str(error)
+
+
+def _disk_full(destination: Path, error: BaseException) -> NotWritableError:
+    folder = next((path for path in [destination, *destination.parents] if path.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    return NotWritableError(
+        f"Cannot write {destination}: the disk is full ({free / 2**20:.1f} MiB free on {folder}; {error}). Nothing "
+        "was changed there. Free some space, or save to a folder on another disk."
+    )
 
 
 def _not_writable(destination: Path, error: OSError) -> NotWritableError:
@@ -157,6 +231,10 @@ def _atomic_file(path: str | os.PathLike):
         yield temporary
         os.chmod(temporary, mode)
         os.replace(temporary, path)
+    except (OSError, SafetensorError) as error:
+        if _is_disk_full(error):
+            raise _disk_full(path, error) from error
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -174,9 +252,13 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"The {what} {path} does not exist. Check the path, or save the folder again.")
+    return parse_json(path.read_bytes(), path, what=what)
+
+
+def parse_json(data: bytes, path: str | os.PathLike, *, what: str = "JSON file") -> dict:
+    """Parse the bytes of a JSON object read from `path` (named in errors), with `read_json`'s errors."""
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        data = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptFileError(
             f"The {what} {path} is not valid JSON ({error}). The file is corrupted or truncated: download or save "
@@ -212,6 +294,23 @@ def read_safetensors(path: str | os.PathLike, *, what: str = "weights file") -> 
         ) from error
 
 
+def parse_safetensors(
+    data: bytes, path: str | os.PathLike, *, what: str = "weights file", advice: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Load tensors from the bytes of a safetensors file read from `path` (named in errors), with
+    `read_safetensors`'s errors; `advice` replaces the default "It is corrupted or truncated: ..." sentence."""
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as error:
+        advice = advice or "It is corrupted or truncated: download or save it again."
+        raise CorruptFileError(f"The {what} {path} is not a readable safetensors file ({error}). {advice}") from error
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of bytes already read: hash what is then parsed, so the check and the load see the same bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes. safetensors has no checksum of its own, so a flipped bit in tensor data would
     load as a plausible number; manifests record this hash to catch that."""
@@ -220,70 +319,3 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# safetensors stores no checksum, so a flipped bit in tensor data loads as a plausible number. Files peft-cvae writes
-# through transformers (a generator's model.safetensors) carry the SHA-256 of their data section in their metadata.
-DATA_SHA256_KEY = "peft_cvae_data_sha256"
-
-
-def _safetensors_data_offset(path: Path) -> tuple[dict, int] | None:
-    """(metadata, offset of the data section) of a safetensors file, or None if its header does not parse (the
-    safetensors loader then reports that, with its own error)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            return None
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            return None
-        try:
-            header = json.loads(file.read(length))
-        except (ValueError, UnicodeDecodeError):
-            return None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        return None
-    return header.get("__metadata__", {}), 8 + length
-
-
-def _sha256_from(path: Path, offset: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        file.seek(offset)
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def stamp_data_sha256(path: str | os.PathLike) -> None:
-    """Rewrite a safetensors file (same tensors, same data bytes) with the SHA-256 of its data in its metadata."""
-    path = Path(path)
-    tensors = load_file(str(path))
-    metadata, offset = _safetensors_data_offset(path)
-    digest = _sha256_from(path, offset)
-    for _ in range(2):  # the data section does not depend on the metadata; the second pass only guards that
-        write_safetensors(tensors, path, metadata={**metadata, DATA_SHA256_KEY: digest})
-        _, offset = _safetensors_data_offset(path)
-        written = _sha256_from(path, offset)
-        if written == digest:
-            return
-        digest = written
-    raise RuntimeError(f"The data of {path} changed between two identical writes; it was not stamped.")
-
-
-def check_data_sha256(path: str | os.PathLike, *, what: str = "weights file") -> None:
-    """Raise `CorruptFileError` if a safetensors file stamped by `stamp_data_sha256` no longer matches its hash.
-    Unstamped files (written by other tools) and unparsable headers pass: the loader reports the latter."""
-    path = Path(path)
-    parsed = _safetensors_data_offset(path)
-    if parsed is None or not parsed[0].get(DATA_SHA256_KEY):
-        return
-    metadata, offset = parsed
-    found = _sha256_from(path, offset)
-    if found != metadata[DATA_SHA256_KEY]:
-        raise CorruptFileError(
-            f"The {what} {path} has tensor data with sha256 {found[:12]}..., but the file recorded "
-            f"{str(metadata[DATA_SHA256_KEY])[:12]}... when it was saved: it changed or was damaged since. Save or "
-            "download it again."
-        )

@@ -10,84 +10,37 @@ Normalisation statistics also live here, because they are defined by the layout:
 and one standard deviation per tensor (`scale`, so tensors of very different magnitude weigh the same in the loss).
 """
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel
-from peft.utils import get_peft_model_state_dict, load_peft_weights
+from peft import LoraConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
 
-from .errors import (
-    CorruptFileError,
-    EmptyBankError,
-    LayoutMismatchError,
-    MissingFileError,
-    NonFiniteError,
-    UnsupportedAdapterError,
+from .adapter_io import check_supported, load_adapter, lora_config_to_dict, lora_field_problem
+from .diffusers_utils import get_diffusers_lora_state_dict, is_diffusers_unet
+from .errors import CorruptFileError, EmptyBankError, LayoutMismatchError, NonFiniteError, UnsupportedAdapterError
+
+__all__ = ["LIBRARIES", "LoraLayout", "lora_config_to_dict"]
+
+# LoraConfig fields that do not change what a saved adapter computes: where it came from, and settings of training
+# (dropout, the initialisation of the weights, the task head PEFT wraps the model for). Two adapters that differ only
+# in these share a layout.
+_NON_COMPUTING_FIELDS = (
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "lora_dropout",
+    "init_lora_weights",
+    "task_type",
+    "auto_mapping",
 )
-from .file_utils import check_data_sha256
-
-__all__ = ["LIBRARIES", "LoraLayout", "adapter_library", "load_adapter", "lora_config_to_dict"]
-
-# LoraConfig fields that describe where the adapter came from, not what it is: two adapters that differ only in these
-# still share a layout.
-_PROVENANCE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
 
 # What the adapter's base model is, which decides which files a generated adapter is written as:
 #   "peft": any model PEFT wraps (transformers, plain torch); PEFT files only.
 #   "diffusers": the UNet of a diffusers pipeline; PEFT files and diffusers' pytorch_lora_weights.safetensors.
 LIBRARIES = ("peft", "diffusers")
-
-
-def lora_config_to_dict(config: LoraConfig | dict) -> dict:
-    """A JSON-serialisable copy of a LoRA config: sets become sorted lists, enums their values."""
-    if isinstance(config, PeftConfig):
-        config = config.to_dict()
-
-    def plain(value):
-        if isinstance(value, (set, frozenset)):
-            return sorted(plain(item) for item in value)
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        if isinstance(value, dict):
-            return {str(key): plain(item) for key, item in value.items()}
-        if hasattr(value, "value") and isinstance(value.value, str):  # PeftType / TaskType enums
-            return value.value
-        return value
-
-    data = plain(dict(config))
-    json.dumps(data)  # fail here, not at save time, if a field is still not JSON
-    return data
-
-
-def _check_supported(config: dict) -> None:
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(
-            f"peft-cvae generates LoRA adapters, but this adapter has peft_type={peft_type!r}. "
-            "Train LoRA adapters (peft.LoraConfig) for the bank."
-        )
-    if config.get("use_dora"):
-        raise UnsupportedAdapterError(
-            "DoRA adapters (use_dora=True) are not supported yet: their magnitude vectors need a different "
-            "normalisation. Train the bank's adapters with use_dora=False."
-        )
-
-
-def _lora_field_problem(config: dict) -> str | None:
-    """What is wrong with the fields of a LoRA config read from a file (None if nothing): peft itself accepts e.g. a
-    string rank, and the error would only surface much later."""
-    rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        return f"r={rank!r} (expected a positive integer)"
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        return f"lora_alpha={alpha!r} (expected a number)"
-    if targets is not None and not isinstance(targets, str):
-        if not isinstance(targets, list) or not all(isinstance(name, str) for name in targets):
-            return f"target_modules={targets!r} (expected a module name, a regex or a list of names)"
-    return None
 
 
 def _check_layout_dict(data: dict) -> None:
@@ -114,10 +67,12 @@ def _check_layout_dict(data: dict) -> None:
     elif not isinstance(config, dict):
         problem = f"a lora_config of type {type(config).__name__}, not an object"
     elif config.get("peft_type") == "LORA" and not config.get("use_dora"):
-        problem = _lora_field_problem(config)
+        problem = lora_field_problem(config)
         if problem is None and not config.get("rank_pattern") and len(keys) == len(shapes):
             for key, shape in zip(keys, shapes):
-                rank_axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+                rank_axis = None  # lora_B.bias (lora_bias=True) is (out_features,), with no rank axis
+                if key.endswith(".weight"):
+                    rank_axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
                 if rank_axis is not None and (len(shape) <= rank_axis or shape[rank_axis] != config["r"]):
                     problem = f"tensor {key!r} of shape {tuple(shape)}, which does not match its rank r={config['r']}"
                     break
@@ -131,84 +86,6 @@ def _check_layout_dict(data: dict) -> None:
             f"The saved LoRA layout has {problem}. The file was edited or is corrupted: save the generator or bank "
             "again, or download it again."
         )
-
-
-def adapter_library(path: str | os.PathLike) -> str:
-    """`"diffusers"` for a local folder holding diffusers' `pytorch_lora_weights.safetensors` (a UNet LoRA), else
-    `"peft"`. Used to give a bank built from adapter folders the right `LoraLayout.library`."""
-    return "diffusers" if (Path(str(path)) / "pytorch_lora_weights.safetensors").is_file() else "peft"
-
-
-def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a PEFT adapter (local folder or Hub repo id): its config as a dict and its state dict.
-
-    Weights are read by peft (`adapter_model.safetensors`, or a legacy `.bin` with `torch.load(weights_only=True)`).
-    A local diffusers LoRA folder (only `pytorch_lora_weights.safetensors`, with `lora_adapter_metadata`) is read by
-    diffusers and returned in PEFT's saved form (see `peft_cvae.diffusers_utils`).
-    """
-    path_str = str(path)
-    is_local = Path(path_str).exists()
-    if is_local and not (Path(path_str) / "adapter_config.json").is_file() and adapter_library(path) == "diffusers":
-        from .diffusers_utils import load_diffusers_lora
-
-        return load_diffusers_lora(path)
-    looks_local = isinstance(path, os.PathLike) or os.path.isabs(path_str) or path_str.startswith(".")
-    if not is_local and (looks_local or path_str.count("/") > 1):
-        raise MissingFileError(
-            f"The adapter folder {path_str} does not exist (and it is not a Hub repo id of the form 'owner/name'). "
-            "Check the path."
-        )
-    if is_local and not (Path(path_str) / "adapter_config.json").is_file():
-        raise MissingFileError(
-            f"{path_str} has no adapter_config.json, so it is not a PEFT adapter folder. Point to the folder "
-            "written by `PeftModel.save_pretrained`."
-        )
-    try:
-        config = PeftConfig.from_pretrained(path_str, **hub_kwargs)
-        config_dict = lora_config_to_dict(config)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
-        if not is_local:
-            raise
-        raise CorruptFileError(
-            f"The adapter_config.json of {path_str} cannot be read as a PEFT config: {error}. Expected the JSON that "
-            "`PeftModel.save_pretrained` writes; save the adapter again."
-        ) from error
-    _check_supported(config_dict)
-    problem = _lora_field_problem(config_dict)
-    if problem is not None:
-        raise CorruptFileError(
-            f"The adapter_config.json of {path_str} has {problem}. Save the adapter again with "
-            "`PeftModel.save_pretrained`."
-        )
-    weight_files = ("adapter_model.safetensors", "adapter_model.bin")
-    if is_local and not any((Path(path_str) / name).is_file() for name in weight_files):
-        raise MissingFileError(
-            f"{path_str} has an adapter_config.json but no adapter weights (expected adapter_model.safetensors). "
-            "Save the adapter again with `PeftModel.save_pretrained`."
-        )
-    if is_local and (Path(path_str) / weight_files[0]).is_file():  # adapters peft-cvae wrote carry a data hash
-        check_data_sha256(Path(path_str) / weight_files[0], what="adapter weights")
-    try:
-        state_dict = load_peft_weights(path_str, device="cpu", **hub_kwargs)
-    except FileNotFoundError as error:
-        raise MissingFileError(
-            f"{path_str} has an adapter_config.json but no adapter weights (adapter_model.safetensors). "
-            "Save the adapter again with `PeftModel.save_pretrained`."
-        ) from error
-    except Exception as error:
-        if is_local and "safetensor" in type(error).__name__.lower():
-            raise CorruptFileError(
-                f"The adapter weights in {path_str} are not a readable safetensors file ({error}). "
-                "The file is corrupted or truncated: save or download it again."
-            ) from error
-        if type(error).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met something not a tensor
-            raise CorruptFileError(
-                f"The legacy adapter_model.bin in {path_str} was refused: it holds objects other than tensors, which "
-                "could run code when unpickled. Expected a plain state dict; ask for the adapter as "
-                "adapter_model.safetensors, and do not load this file with weights_only=False elsewhere either."
-            ) from error
-        raise
-    return config_dict, state_dict
 
 
 @dataclass
@@ -238,7 +115,7 @@ class LoraLayout:
             raise CorruptFileError(f"The layout lists {len(self.keys)} keys but {len(self.shapes)} shapes.")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise UnsupportedAdapterError(f"LoRA tensors of dtype {self.dtype} are not supported; use a float dtype.")
-        _check_supported(self.lora_config)
+        check_supported(self.lora_config)
         if self.library not in LIBRARIES:
             raise UnsupportedAdapterError(
                 f"LoraLayout.library is {self.library!r}; expected one of {list(LIBRARIES)} ('diffusers' for a LoRA "
@@ -255,7 +132,7 @@ class LoraLayout:
         `library="diffusers"` marks the base model as a diffusers UNet (see the class docstring).
         """
         config = lora_config_to_dict(lora_config)
-        _check_supported(config)
+        check_supported(config)
         if not state_dict:
             raise EmptyBankError("The adapter's state dict is empty: there are no LoRA tensors to lay out.")
         dtypes = {str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()}
@@ -273,8 +150,6 @@ class LoraLayout:
     @classmethod
     def from_peft_model(cls, model: PeftModel, adapter_name: str = "default") -> "LoraLayout":
         """Layout of one adapter of a live `PeftModel` (`library="diffusers"` when it wraps a diffusers UNet)."""
-        from .diffusers_utils import is_diffusers_unet
-
         state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
         library = "diffusers" if is_diffusers_unet(model.get_base_model()) else "peft"
         return cls.from_state_dict(state_dict, model.peft_config[adapter_name], library=library)
@@ -284,8 +159,6 @@ class LoraLayout:
         """Layout of a LoRA on a diffusers UNet, added with `unet.add_adapter(LoraConfig(...))` (as diffusers'
         training scripts do) or by `pipe.load_lora_weights`. Keys take PEFT's saved form (`base_model.model.` +
         module), the same as for `peft.get_peft_model(unet, config)`."""
-        from .diffusers_utils import get_diffusers_lora_state_dict
-
         state_dict = get_diffusers_lora_state_dict(model, adapter_name=adapter_name)
         return cls.from_state_dict(state_dict, model.peft_config[adapter_name], library="diffusers")
 
@@ -366,7 +239,7 @@ class LoraLayout:
         or their meaning (rank, alpha, target modules, rslora, ...)."""
         other = lora_config_to_dict(lora_config)
         for key in sorted(set(self.lora_config) | set(other)):
-            if key in _PROVENANCE_FIELDS or key == "peft_type":
+            if key in _NON_COMPUTING_FIELDS or key == "peft_type":
                 continue
             mine, theirs = self.lora_config.get(key), other.get(key)
             if mine != theirs:

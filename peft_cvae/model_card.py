@@ -9,7 +9,7 @@ huggingface_hub's `ModelCard.from_template`, so the YAML header is exactly what 
 
 transformers' own `push_to_hub` writes a generic card; `PeftCVAEGenerator.push_to_hub` and
 `GeneratedAdapter.push_to_hub` instead save into a temporary folder, write these cards there and upload the folder in
-one commit with `upload_folder_to_hub`.
+one commit with `peft_cvae.hub.push_folder_to_hub`.
 """
 
 import importlib.metadata
@@ -17,18 +17,16 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 __all__ = [
     "GENERATOR_TAGS",
     "adapter_model_card",
-    "create_hub_repo",
     "generator_model_card",
     "hub_base_model",
     "training_summary",
-    "upload_folder_to_hub",
 ]
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -219,39 +217,4 @@ def adapter_model_card(adapter, model_id: str | None = None) -> ModelCard:
         auto_class=AUTO_CLASSES.get(fields["task_type"], "AutoModel"),
         **fields,
         **_versions(),
-    )
-
-
-def create_hub_repo(repo_id: str, *, private: bool | None = None, token: bool | str | None = None) -> str:
-    """Create the model repo `repo_id` unless it exists; return its full id (`"name"` becomes `"<user>/name"`)."""
-    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
-
-
-def upload_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    commit_message: str,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-) -> CommitInfo:
-    """Create `repo_id` if needed (and the branch `revision`) and upload every file of `folder` in one commit.
-
-    Errors are huggingface_hub's own (`HfHubHTTPError` and subclasses such as `RepositoryNotFoundError`), which say
-    what the Hub answered.
-    """
-    api = HfApi(token=token)
-    repo_id = create_hub_repo(repo_id, private=private, token=token)
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        commit_message=commit_message,
-        commit_description=commit_description,
-        revision=revision,
-        create_pr=create_pr,
     )

@@ -31,37 +31,35 @@ collapsed to the global mean, while models over per-tensor patches learned (DESI
 whole vector: a (N x hidden) matrix would be larger than the bank it replaces. Here the size grows with L x
 hidden_channels (position embeddings) and hidden_channels^2 x kernel_size x num_layers (convolutions), plus the N-long
 mean buffer, i.e. about one checkpoint.
+
+Size of this file (~490 lines, over the ~400 guideline): the network (~200 lines with this docstring), the flat <->
+patch maps, and the `from_pretrained` / `save_pretrained` / `push_to_hub` overrides, which transformers requires on the
+class itself; their helpers live in `generator_files.py`, generation in `generation.py`.
 """
 
-import json
 import math
 import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
 from .configuration_peft_cvae import PeftCVAEConfig
-from .errors import (
-    ConditionError,
-    CorruptFileError,
-    InvalidConfigError,
-    LayoutMismatchError,
-    MissingFileError,
-    NonFiniteError,
-    PeftCVAEError,
-    UnknownTaskError,
+from .constants import (
+    CARD_NAME,
 )
-from .file_utils import atomic_directory, check_data_sha256, read_json, stamp_data_sha256
-from .model_card import create_hub_repo, generator_model_card, training_summary, upload_folder_to_hub
+from .errors import ConditionError, CorruptFileError, InvalidConfigError, LayoutMismatchError
+from .file_utils import atomic_directory, folder_lock
+from .generation import GenerateAdapterMixin
+from .generator_files import HUB_FILE_KWARGS, generator_folder, read_generator
+from .hub import push_folder_to_hub
+from .integrity import VerifiedFolder, write_integrity_record
+from .model_card import generator_model_card, training_summary
 
 __all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
 
@@ -178,68 +176,7 @@ class TaskMemory(nn.Module):
         return weights @ self.task_means.to(weights)  # (B, N)
 
 
-_HUB_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "subfolder", "token")
-
-
-def _find_generator_file(path, name: str, kwargs: dict) -> Path | None | bool:
-    """Where a generator file is: a local path, None if the folder or repo has no such file, or False if that
-    cannot be told here (a Hub repo that cannot be reached: transformers then reports it)."""
-    subfolder = kwargs.get("subfolder", "")
-    if Path(path).is_dir():
-        candidate = Path(path) / subfolder / name
-        return candidate if candidate.is_file() else None
-    try:
-        found = cached_file(
-            path,
-            name,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **{key: kwargs[key] for key in _HUB_FILE_KWARGS if key in kwargs},
-        )
-    except (OSError, ValueError):  # no such repo or revision, an invalid repo id: transformers says so
-        return False
-    return Path(found) if found else None
-
-
-def _check_generator_files(path, kwargs: dict) -> None:
-    """Turn a missing or unreadable config.json, or missing weights (local folder or Hub repo), into a clear error
-    before transformers sees them: it would raise a bare OSError or TypeError, or on the Hub look for a conversion
-    pull request."""
-    config_file = _find_generator_file(path, "config.json", kwargs)
-    if config_file is False:
-        return
-    where = f"{path}/{kwargs['subfolder']}" if kwargs.get("subfolder") else str(path)
-    if config_file is None:
-        raise MissingFileError(
-            f"{where} has no config.json, so it is not a saved generator. Point to a folder or repo written by "
-            "PeftCVAEGenerator.save_pretrained or push_to_hub."
-        )
-    data = read_json(config_file, what="generator config")
-    try:
-        PeftCVAEConfig.from_dict(data)
-    except PeftCVAEError:
-        raise
-    except (TypeError, ValueError, KeyError, AttributeError) as error:
-        raise InvalidConfigError(
-            f"The generator config of {where} has a missing or wrongly typed field ({error}). Expected the "
-            "config.json that PeftCVAEGenerator.save_pretrained writes: save or download the generator again."
-        ) from error
-    if not any(
-        _find_generator_file(path, name, kwargs) for name in ("model.safetensors", "model.safetensors.index.json")
-    ):
-        bin_note = ""
-        if _find_generator_file(path, "pytorch_model.bin", kwargs):
-            bin_note = "; pytorch_model.bin is never read: it is a pickle, which can run code"
-        raise MissingFileError(
-            f"The generator at {where} has a config.json but no weights (expected model.safetensors{bin_note}). "
-            "It is incomplete: save or download the generator again."
-        )
-    weights = _find_generator_file(path, "model.safetensors", kwargs)
-    if weights:
-        check_data_sha256(weights, what="generator weights")  # a flipped bit in tensor data would load silently
-
-
-class PeftCVAEGenerator(PreTrainedModel):
+class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
     """A conditional VAE that generates PEFT LoRA adapters from task vectors.
 
     Build one from a `LoraBank` with `PeftCVAEGenerator.from_bank(bank)`, train it with
@@ -277,11 +214,16 @@ class PeftCVAEGenerator(PreTrainedModel):
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_bank(cls, bank, **config_overrides) -> "PeftCVAEGenerator":
+    def from_bank(cls, bank, *, seed: int = 0, **config_overrides) -> "PeftCVAEGenerator":
         """A new, untrained generator for a `LoraBank`: its layout, tasks, condition size and normalisation.
 
-        `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64, num_layers=4`.
+        `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64, num_layers=4`. The weights
+        are initialised from `seed` (0 by default) under a forked random state, so the same bank and seed give
+        bit-identical generators, and `train_generator(seed=...)` then reproduces a whole run; torch's global
+        random state is left as it was.
         """
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidConfigError(f"seed must be an integer, got {seed!r}.")
         vectors = bank.vectors()  # (K, N), raises if the bank is empty
         offset, scale = bank.layout.statistics(vectors)
         config = PeftCVAEConfig(
@@ -291,7 +233,9 @@ class PeftCVAEGenerator(PreTrainedModel):
             task_descriptions=[bank.description(task) for task in bank.task_names],
             **{"condition_encoder": bank.condition_encoder, **config_overrides},
         )
-        model = cls(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(config)
         with torch.no_grad():
             model.param_offset.copy_(offset)
             model.param_scale.copy_(scale)
@@ -313,19 +257,21 @@ class PeftCVAEGenerator(PreTrainedModel):
         unexpected or mismatched tensors, which transformers would otherwise initialise at random) raise a
         `PeftCVAEError` (`MissingFileError`, `CorruptFileError`, `InvalidConfigError`).
         """
-        _check_generator_files(pretrained_model_name_or_path, kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("use_safetensors", True)
+        folder = generator_folder(pretrained_model_name_or_path, kwargs)
+        if folder is None:  # a Hub repo that cannot be reached: transformers says why
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kwargs.pop("config", None)  # AutoModel passes the config it parsed; the one read with the weights is used
+        for name in (*HUB_FILE_KWARGS, "use_safetensors", "trust_remote_code", "_from_auto", "_commit_hash"):
+            kwargs.pop(name, None)
+        with folder_lock(folder):
+            files = VerifiedFolder(folder, what="generator")
+            config, state_dict = read_generator(files, pretrained_model_name_or_path)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below as a CorruptFileError, not a RuntimeError
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
-        except SafetensorError as error:
-            raise CorruptFileError(
-                f"The generator weights of {pretrained_model_name_or_path} are not a readable safetensors file "
-                f"({error}). The file is truncated or corrupted: save or download the generator again."
-            ) from error
+        model, info = super().from_pretrained(
+            None, *args, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
+        )
+        model.config.name_or_path = str(pretrained_model_name_or_path)  # as transformers records it for a path
         problems = [
             f"{len(info[kind])} {kind.replace('_keys', '')} (e.g. {sorted(map(str, info[kind]))[0]})"
             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -378,9 +324,8 @@ class PeftCVAEGenerator(PreTrainedModel):
             if is_main_process:  # all files at once: a crash mid-save leaves the previous version whole
                 with atomic_directory(save_directory) as staging:
                     super().save_pretrained(staging, is_main_process=True, **kwargs)
-                    for weights in staging.glob("*.safetensors"):  # safetensors has no checksum: record one
-                        stamp_data_sha256(weights)
-                    generator_model_card(self, **card_kwargs).save(staging / "README.md")
+                    generator_model_card(self, **card_kwargs).save(staging / CARD_NAME)
+                    write_integrity_record(staging)  # last: the sha256 of config.json and the weights
             else:
                 super().save_pretrained(save_directory, is_main_process=False, **kwargs)
         finally:  # saving has no side effect on the in-memory config
@@ -421,19 +366,21 @@ class PeftCVAEGenerator(PreTrainedModel):
         Returns:
             the `huggingface_hub.CommitInfo` of the upload.
         """
-        repo_id = create_hub_repo(repo_id, private=private, token=token)
-        with tempfile.TemporaryDirectory() as folder:
-            tags = [*(self.model_tags or []), *(tags or [])]
-            self._save_with_card(folder, {"model_id": repo_id, "tags": tags}, max_shard_size=max_shard_size)
-            return upload_folder_to_hub(
-                folder,
-                repo_id,
-                commit_message=commit_message or "Upload peft-cvae generator",
-                commit_description=commit_description,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-            )
+        tags = [*(self.model_tags or []), *(tags or [])]
+
+        def save(folder: Path, full_repo_id: str) -> None:
+            self._save_with_card(folder, {"model_id": full_repo_id, "tags": tags}, max_shard_size=max_shard_size)
+
+        return push_folder_to_hub(
+            save,
+            repo_id,
+            commit_message=commit_message or "Upload peft-cvae generator",
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     # ---- flat vector <-> normalised patches ---------------------------------------------------------------------
     def _indices(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,6 +432,11 @@ class PeftCVAEGenerator(PreTrainedModel):
             raise ConditionError(
                 f"Got {condition.shape[0]} conditions for {batch_size} LoRA vectors; expected one per vector. Pass "
                 f"one task vector of size {self.config.condition_size} (a 1-D tensor) per adapter to generate."
+            )
+        if condition.is_complex():
+            raise ConditionError(
+                f"A condition must hold real numbers, got dtype {condition.dtype}; pass the task vector as a float "
+                "tensor."
             )
         if not torch.isfinite(condition).all():
             raise ConditionError("The condition contains NaN or Inf; check the task encoder's output.")
@@ -544,231 +496,3 @@ class PeftCVAEGenerator(PreTrainedModel):
         loss = reconstruction_loss + self.config.kl_weight * kl_loss
         output = PeftCVAEOutput(loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance)
         return output if return_dict else output.to_tuple()
-
-    # ---- generation ---------------------------------------------------------------------------------------------
-    def get_task_encoder(self, base_model=None, tokenizer=None):
-        """The encoder that made this generator's training conditions, rebuilt from `config.condition_encoder`.
-
-        Loaded lazily and cached (see `peft_cvae.load_task_encoder`). A hidden-state encoder runs `base_model` when it
-        is given (a plain transformers model, not a `PeftModel`), and otherwise loads the recorded base model.
-
-        Raises:
-            ConditionError: no encoder was recorded (the bank's conditions were plain tensors), or it cannot be built.
-        """
-        spec = self.config.condition_encoder
-        if spec is None:
-            raise ConditionError(
-                "This generator records no task encoder: its training conditions were given as plain tensors. Pass a "
-                "training task name, a condition tensor, or task_encoder= with the encoder those conditions came from "
-                "(record it for next time with LoraBank.encode_conditions or condition_encoder=encoder.to_dict())."
-            )
-        from peft import PeftModel
-
-        from .task_encoding import load_task_encoder
-
-        if isinstance(base_model, PeftModel):
-            base_model = None  # its active adapter would change the hidden states; load the recorded model instead
-        return load_task_encoder(spec, base_model=base_model, tokenizer=tokenizer)
-
-    def _encode_task(self, task, task_encoder, base_model) -> torch.Tensor:
-        """A description or example texts -> condition (condition_size,), with the given or the recorded encoder."""
-        if task_encoder is None:
-            task_encoder = self.get_task_encoder(base_model=base_model)
-        else:
-            recorded, given = self.config.condition_encoder or {}, task_encoder.to_dict()
-            other_kind = recorded and given.get("kind") != recorded.get("kind")
-            other_model = recorded and None not in (given.get("name_or_path"), recorded.get("name_or_path"))
-            if other_kind or (other_model and given["name_or_path"] != recorded["name_or_path"]):
-                warnings.warn(
-                    f"task_encoder is {given}, but this generator's training conditions came from {recorded}. "
-                    "Conditions from another encoder put the generator off its training data.",
-                    stacklevel=4,
-                )
-        condition = task_encoder.encode(task)
-        if condition.numel() != self.config.condition_size:
-            raise ConditionError(
-                f"The task encoder {task_encoder!r} gives {condition.numel()}-dimensional vectors, but this generator "
-                f"was trained on {self.config.condition_size}-dimensional conditions. Use the encoder recorded in "
-                f"generator.config.condition_encoder ({self.config.condition_encoder})."
-            )
-        return self._check_condition(condition.reshape(1, -1), 1)[0]
-
-    def task_condition(self, task, *, task_encoder=None, base_model=None) -> tuple[torch.Tensor, str | None]:
-        """Turn a task into its condition vector (condition_size,) and, if it has one, its name.
-
-        A task is the name of a training task (exact match; its stored condition is used), any other string (a
-        description, encoded with `task_encoder` or the generator's recorded encoder), a list of example texts (the
-        in-context path, encoded the same way), or a condition tensor.
-        """
-        if isinstance(task, str):
-            if task in self.config.task_names:
-                return self.task_conditions[self.config.task_names.index(task)], task
-            if task_encoder is None and self.config.condition_encoder is None:
-                known = ", ".join(repr(name) for name in self.config.task_names) or "none"
-                raise UnknownTaskError(
-                    f"Unknown task {task!r}. This generator was trained on the tasks {known} and records no task "
-                    f"encoder to embed a description with; pass one of those names, a condition tensor of size "
-                    f"{self.config.condition_size}, or task_encoder=."
-                )
-            return self._encode_task(task, task_encoder, base_model), None
-        if isinstance(task, (list, tuple)) and task and all(isinstance(text, str) for text in task):
-            return self._encode_task(list(task), task_encoder, base_model), None
-        if isinstance(task, torch.Tensor):
-            return self._check_condition(task.reshape(1, -1) if task.dim() == 1 else task, 1)[0], None
-        raise ConditionError(
-            f"A task must be a task name or description (str), a list of example texts or a condition tensor, got "
-            f"{type(task).__name__}."
-        )
-
-    @staticmethod
-    def _fusion_weights(weights, count: int) -> torch.Tensor:
-        """Validate fusion weights and normalise them to sum to 1. Shape (count,)."""
-        if weights is None:
-            return torch.full((count,), 1.0 / count)
-        values = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
-        if values.numel() != count:
-            raise ConditionError(f"Got {values.numel()} weights for {count} tasks; pass one weight per task.")
-        if not torch.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
-            raise ConditionError(
-                f"Fusion weights must be finite, >= 0 and not all 0, got {values.tolist()}. They are normalised to "
-                "sum to 1."
-            )
-        return values / values.sum()
-
-    def _decode_mixture(self, latent: torch.Tensor, conditions: torch.Tensor, weights: torch.Tensor, combine: str):
-        """One latent (1, Z), conditions (T, cond), weights (T,) -> raw flat LoRA vector (1, N)."""
-        if len(conditions) == 1 or combine == "condition":  # mix the task vectors, decode once
-            condition = conditions[0] if len(conditions) == 1 else (weights[:, None] * conditions.float()).sum(dim=0)
-            return self.decode(latent, condition[None])
-        decoded = torch.cat(  # the same z decoded under each task's condition, one at a time (T, N), normalised
-            [self.unpatchify(self.decoder(latent, self._check_condition(c[None], 1))) for c in conditions]
-        )
-        mixed = (weights[:, None].to(decoded) * decoded).sum(dim=0, keepdim=True)  # (1, N)
-        return self.denormalize(mixed)
-
-    @torch.no_grad()
-    def generate_adapter(
-        self,
-        task=None,
-        *,
-        examples: list[str] | None = None,
-        weights=None,
-        combine: str = "condition",
-        num_samples: int = 1,
-        seed: int | None = None,
-        temperature: float = 1.0,
-        base_model=None,
-        adapter_name: str = "default",
-        task_encoder=None,
-    ):
-        """Generate LoRA adapter(s) for a task, or a weighted mix of tasks, in one forward pass of the decoder.
-
-        Args:
-            task: what to generate for: the name of a training task (exact match first), a description of a task
-                (any other string; embedded with the generator's recorded task encoder), a condition tensor of size
-                `condition_size`, or a LIST of those to fuse several tasks into one adapter (see `weights`).
-            examples: a few example texts of one task instead of `task` (the in-context path, ICM-LoRA Eq. 1), encoded
-                with the recorded encoder (normally a `HiddenStateTaskEncoder` of the base model).
-            weights: one weight >= 0 per task of a `task` list (normalised to sum to 1); default: equal weights.
-            combine: how a list of tasks is fused: `"condition"` mixes the condition vectors and decodes once;
-                `"parameters"` decodes every task with the same latent z and mixes the decoded (normalised) LoRAs.
-            num_samples: how many adapters to draw (a list is returned when > 1).
-            seed: seed of the latent noise; the same seed gives bit-identical adapters.
-            temperature: z ~ N(0, temperature^2 I); 0 decodes the mean (z = 0).
-            base_model: if given, the adapter is loaded into it and the `PeftModel` is returned. A hidden-state task
-                encoder also runs this model (before the adapter is added) instead of loading the recorded one.
-            adapter_name: adapter name used with `base_model`.
-            task_encoder: a `TaskEncoder` to embed descriptions and examples with, instead of the recorded one (e.g.
-                `HiddenStateTaskEncoder(model, tokenizer)` when the recorded base model has no path to load from).
-
-        Returns:
-            a `GeneratedAdapter` (or a list of them), or a `peft.PeftModel` when `base_model` is given.
-
-        Raises:
-            UnknownTaskError: a string that is no training task, and no encoder to embed it with.
-            ConditionError: no task and no examples, both, a condition of the wrong size, bad weights or `combine`.
-        """
-        from .adapter import GeneratedAdapter
-
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}.")
-        if base_model is not None and num_samples != 1:
-            raise ValueError("base_model= loads one adapter; use num_samples=1, or load each sample yourself.")
-        if combine not in ("condition", "parameters"):
-            raise ConditionError(f"combine must be 'condition' or 'parameters', got {combine!r}.")
-        if (task is None) == (examples is None):
-            raise ConditionError(
-                "Pass either a task (a training task name, a description, a condition tensor, or a list of those to "
-                "fuse) or examples=[example texts of one task], not " + ("both." if task is not None else "neither.")
-            )
-        metadata = {}
-        if examples is not None:
-            if isinstance(examples, str) or not isinstance(examples, (list, tuple)) or not examples:
-                raise ConditionError(f"examples must be a non-empty list of texts, got {examples!r:.80}.")
-            tasks = [list(examples)]
-            metadata["examples"] = len(examples)
-        elif isinstance(task, (list, tuple)):
-            if not task:
-                raise ConditionError("The list of tasks to fuse is empty; pass at least one task.")
-            tasks = list(task)
-        else:
-            tasks = [task]
-        resolved = [self.task_condition(item, task_encoder=task_encoder, base_model=base_model) for item in tasks]
-        conditions = torch.stack([condition for condition, _ in resolved])  # (T, cond)
-        fusion_weights = self._fusion_weights(weights, len(tasks))  # (T,)
-        task_name = resolved[0][1] if len(tasks) == 1 else None
-        if len(tasks) > 1 or isinstance(task, (list, tuple)):
-            labels = [
-                name or (item if isinstance(item, str) else "<condition>") for item, (_, name) in zip(tasks, resolved)
-            ]
-            metadata.update(
-                fused_tasks=json.dumps(labels), fusion_weights=json.dumps(fusion_weights.tolist()), combine=combine
-            )
-        elif isinstance(task, str) and task_name is None:
-            metadata["description"] = task
-        noise = torch.Generator().manual_seed(seed) if seed is not None else None
-        # Drawn one row at a time so that sample i is the same whatever num_samples is.
-        latent = torch.cat([torch.randn(1, self.config.latent_size, generator=noise) for _ in range(num_samples)])
-        latent = latent * temperature  # (S, Z)
-        was_training = self.training
-        self.eval()
-        try:
-            # One sample at a time: batched kernels round differently, and sample i must not depend on num_samples.
-            flat = torch.cat(
-                [
-                    self._decode_mixture(z[None].to(self.param_offset), conditions, fusion_weights, combine)
-                    for z in latent
-                ]
-            )  # (S, N)
-        finally:
-            self.train(was_training)
-        layout = self.config.lora_layout
-        adapters = []
-        for vector in flat.float().cpu():
-            if not torch.isfinite(vector).all():
-                raise NonFiniteError(
-                    "The generated adapter contains NaN or Inf, so it was not written. The generator's weights are "
-                    "broken (training diverged?): retrain it, e.g. with a lower learning rate or in float32."
-                )
-            state_dict = layout.unflatten(vector)  # in the layout's dtype, where large values can overflow
-            if not all(torch.isfinite(tensor).all() for tensor in state_dict.values()):
-                raise NonFiniteError(
-                    f"The generated adapter has values beyond the range of {layout.dtype}, the adapters' dtype, so it "
-                    "was not written. The generator's weights or normalisation are broken: retrain it on the bank."
-                )
-            adapters.append(
-                GeneratedAdapter(
-                    state_dict=state_dict,
-                    layout=layout,
-                    task=task_name,
-                    generator_name_or_path=self.config.name_or_path or None,
-                    seed=seed,
-                    temperature=temperature,
-                    metadata=dict(metadata),
-                )
-            )
-        if base_model is not None:
-            return adapters[0].to_peft_model(base_model, adapter_name=adapter_name)
-        return adapters[0] if num_samples == 1 else adapters

@@ -15,45 +15,33 @@ Example:
     ```
 """
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from .errors import PeftCVAEError
+from .data import LoraBank
+from .errors import MissingExtraError
+from .import_utils import is_sklearn_available, require_plots
 
 __all__ = ["MissingExtraError", "plot_task_vectors", "plot_training_loss", "project_2d"]
 
 logger = logging.getLogger(__name__)
 
-PLOTS_INSTALL = 'pip install "peft-cvae[plots]"'
 MIN_TSNE_POINTS = 5  # below this, t-SNE's neighbourhoods are meaningless; PCA shows the same points faithfully
 
 
-class MissingExtraError(PeftCVAEError, ImportError):
-    """An optional dependency of peft-cvae (one of its extras) is not installed."""
-
-
 def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear error naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise MissingExtraError(
-            f"Plotting needs matplotlib, which is not installed. Install the plots extra: {PLOTS_INSTALL}"
-        ) from error
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    """matplotlib.pyplot on the Agg backend, or `MissingExtraError` naming the plots extra."""
+    require_plots()
+    import matplotlib.pyplot as plt  # an optional dependency, imported only when a plot is drawn
 
     return plt
 
 
 def _as_points(vectors) -> tuple[torch.Tensor, list[str], str]:
     """(points (M, D), the task of each point, a description of what the points are) from a dict or a bank."""
-    from .data import LoraBank
-
     if isinstance(vectors, LoraBank):
         if len(vectors) == 0:
             raise ValueError("The bank has no checkpoints to plot.")
@@ -85,7 +73,7 @@ def project_2d(points: torch.Tensor, method: str = "tsne", seed: int = 0) -> tup
         raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}.")
     points = points.double()
     count = points.shape[0]
-    if method == "tsne" and count >= MIN_TSNE_POINTS and importlib.util.find_spec("sklearn") is not None:
+    if method == "tsne" and count >= MIN_TSNE_POINTS and is_sklearn_available():
         from sklearn.manifold import TSNE
 
         perplexity = min(30.0, (count - 1) / 3)  # t-SNE needs perplexity < number of points

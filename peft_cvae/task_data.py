@@ -48,7 +48,7 @@ def check_task_name(name) -> str:
     it is joined to: no path separators, not "." or "..", no NUL or control characters, at most 255 bytes. Names that
     differ only by case are allowed (they are different tasks).
     """
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name.strip():
         raise InvalidConfigError(f"A task name must be a non-empty string, got {name!r}.")
     problem = None
     if name in (".", ".."):

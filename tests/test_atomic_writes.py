@@ -149,7 +149,9 @@ def test_saved_generator_files_get_ordinary_permissions(trained_generator, tmp_p
     reference = (tmp_path / "reference").stat().st_mode & 0o777
     trained_generator.save_pretrained(tmp_path / "generator")
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "generator").iterdir()}
-    assert modes == dict.fromkeys(["README.md", "config.json", "model.safetensors"], reference)
+    assert modes == dict.fromkeys(
+        ["README.md", "config.json", "model.safetensors", "peft_cvae_integrity.json"], reference
+    )
 
 
 # ---- atomic_directory ---------------------------------------------------------------------------------------------
@@ -347,6 +349,7 @@ def test_saving_into_a_writable_folder_whose_parent_is_read_only_works(trained_g
         "adapter_config.json",
         "adapter_model.safetensors",
         "generator",
+        "peft_cvae_integrity.json",
     ]
     assert_adapter_folder_is(destination, adapter)
     assert leftovers(tmp_path) == []

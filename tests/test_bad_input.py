@@ -36,6 +36,7 @@ from peft_cvae import (
     UnsupportedAdapterError,
     train_generator,
 )
+from peft_cvae.constants import INTEGRITY_NAME
 from peft_cvae.testing_utils import tiny_llama
 from tests.testing_utils import small_generator_overrides, tiny_lora_config
 
@@ -73,8 +74,14 @@ def edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def drop_record(folder: Path) -> None:
+    """Make a saved folder look like one written before the integrity record existed (still loadable), so that a test
+    reaches the check it is about rather than the record's sha256 (whose own tests are in test_reliability.py)."""
+    (folder / INTEGRITY_NAME).unlink()
+
+
 def drop_checksums(bank_folder: Path) -> None:
-    """Make the manifest look like one written before checksums were recorded (they are optional on load)."""
+    """Make the bank look like one written before checksums were recorded (they are optional on load)."""
 
     def drop(manifest):
         manifest.pop("conditions_sha256", None)
@@ -82,6 +89,7 @@ def drop_checksums(bank_folder: Path) -> None:
             entry.pop("sha256", None)
 
     edit_json(bank_folder / "bank.json", drop)
+    (bank_folder / INTEGRITY_NAME).unlink(missing_ok=True)
 
 
 def copy_folder(source: Path, destination: Path) -> Path:
@@ -299,7 +307,7 @@ def test_bank_folder_with_a_nan_checkpoint_is_refused(saved, tmp_path):
     save_file(tensors, checkpoint)
     with pytest.raises(CorruptFileError) as error:  # the manifest's checksum sees the change first
         LoraBank.from_pretrained(folder)
-    assert_says(error, "00002.safetensors has sha256", "the bank manifest recorded", "download the whole bank again")
+    assert_says(error, "00002.safetensors has sha256", "integrity record recorded", "download the whole bank again")
     drop_checksums(folder)
     with pytest.raises(NonFiniteError) as error:
         LoraBank.from_pretrained(folder)
@@ -310,6 +318,7 @@ def test_bank_folder_with_a_nan_checkpoint_is_refused(saved, tmp_path):
 @pytest.mark.parametrize("damage", [truncate, corrupt_header], ids=["truncated", "corrupted"])
 def test_damaged_adapter_weights_are_refused(saved, tmp_path, damage):
     folder = copy_folder(saved / "adapter", tmp_path / "adapter")
+    drop_record(folder)
     damage(folder / "adapter_model.safetensors")
     for load in (lambda: LoraBank.from_adapters({"a": [folder]}), lambda: LoraLayout.from_pretrained(folder)):
         with pytest.raises(CorruptFileError) as error:
@@ -319,15 +328,21 @@ def test_damaged_adapter_weights_are_refused(saved, tmp_path, damage):
 
 
 @pytest.mark.parametrize(
-    "damage, fragments",
+    "damage, record, fragments",
     [
-        (truncate, ["has tensor data with sha256", "changed or was damaged since", "save or download it again"]),
-        (corrupt_header, ["not a readable safetensors file", "truncated or corrupted", "download the generator"]),
+        (truncate, True, ["has sha256", "changed or was damaged since", "save or download it again"]),
+        (
+            corrupt_header,
+            False,
+            ["not a readable safetensors file", "truncated or corrupted", "download the generator"],
+        ),
     ],
     ids=["truncated", "corrupted header"],
 )
-def test_damaged_generator_weights_are_refused(saved, tmp_path, damage, fragments):
+def test_damaged_generator_weights_are_refused(saved, tmp_path, damage, record, fragments):
     folder = copy_folder(saved / "generator", tmp_path / "generator")
+    if not record:
+        drop_record(folder)
     damage(folder / "model.safetensors")
     with pytest.raises(CorruptFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
@@ -342,7 +357,7 @@ def test_damaged_bank_files_are_refused(saved, tmp_path, damage, file):
     damage(folder / file)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
-    assert_says(error, file, "has sha256", "changed or was damaged after the bank was saved", "download the whole")
+    assert_says(error, file, "has sha256", "changed or was damaged since", "download the whole")
     drop_checksums(folder)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
@@ -358,13 +373,14 @@ def test_bank_checkpoint_with_a_flipped_bit_in_tensor_data_is_refused(saved, tmp
     checkpoint.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
-    assert_says(error, "00004.safetensors has sha256", "the bank manifest recorded")
+    assert_says(error, "00004.safetensors has sha256", "integrity record recorded")
     drop_checksums(folder)
     assert len(LoraBank.from_pretrained(folder)) == 12  # without the checksum it would load silently
 
 
 def test_bank_manifest_with_a_malformed_checksum_is_refused(saved, tmp_path):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
+    drop_record(folder)
     edit_json(folder / "bank.json", lambda manifest: manifest["checkpoints"][1].__setitem__("sha256", "abc"))
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
@@ -426,6 +442,7 @@ def _set_layout(name, value):
 )
 def test_generator_config_with_missing_or_wrong_fields_is_refused(saved, tmp_path, edit, error_class, fragments):
     folder = copy_folder(saved / "generator", tmp_path / "generator")
+    drop_record(folder)
     edit_json(folder / "config.json", edit)
     with pytest.raises(error_class) as error:
         PeftCVAEGenerator.from_pretrained(folder)
@@ -439,6 +456,7 @@ def test_generator_config_with_missing_or_wrong_fields_is_refused(saved, tmp_pat
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\xff\xfe"])
 def test_generator_config_that_is_not_a_json_object_is_refused(saved, tmp_path, text):
     folder = copy_folder(saved / "generator", tmp_path / "generator")
+    drop_record(folder)
     (folder / "config.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(CorruptFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
@@ -459,6 +477,7 @@ def test_generator_config_that_is_not_a_json_object_is_refused(saved, tmp_path, 
 )
 def test_adapter_config_with_wrong_fields_is_refused(saved, tmp_path, edit, fragments):
     folder = copy_folder(saved / "adapter", tmp_path / "adapter")
+    drop_record(folder)
     edit_json(folder / "adapter_config.json", edit)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_adapters({"a": [folder]})
@@ -481,6 +500,7 @@ def test_adapter_config_with_wrong_fields_is_refused(saved, tmp_path, edit, frag
 )
 def test_bank_manifest_with_missing_or_wrong_fields_is_refused(saved, tmp_path, edit, fragments):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
+    drop_record(folder)
     edit_json(folder / "bank.json", edit)
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(folder)
@@ -517,6 +537,7 @@ def test_generator_folder_with_only_pickled_weights_is_refused(saved, tmp_path):
 
 def test_adapter_folder_without_weights_or_config_is_refused(saved, tmp_path):
     folder = copy_folder(saved / "adapter", tmp_path / "adapter")
+    drop_record(folder)
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(MissingFileError) as error:
         LoraBank.from_adapters({"a": [folder]})
@@ -532,6 +553,7 @@ def test_adapter_folder_without_weights_or_config_is_refused(saved, tmp_path):
 
 def test_bank_manifest_pointing_to_missing_files_is_refused(saved, tmp_path):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
+    drop_record(folder)
     (folder / "checkpoints" / "00005.safetensors").unlink()
     with pytest.raises(MissingFileError) as error:
         LoraBank.from_pretrained(folder)
@@ -545,6 +567,7 @@ def test_bank_manifest_pointing_to_missing_files_is_refused(saved, tmp_path):
 @pytest.mark.parametrize("file", ["../outside.safetensors", "/tmp/outside.safetensors", "checkpoints/../../x"])
 def test_bank_manifest_pointing_outside_the_bank_is_refused(saved, tmp_path, bank, file):
     folder = copy_folder(saved / "bank", tmp_path / "bank")
+    drop_record(folder)
     save_file(dict(bank.checkpoints[0].state_dict), tmp_path / "outside.safetensors")  # a valid file, out of bounds
     edit_json(folder / "bank.json", lambda manifest: manifest["checkpoints"][0].__setitem__("file", file))
     with pytest.raises(CorruptFileError) as error:
@@ -663,9 +686,21 @@ def test_every_error_class_is_a_peft_cvae_error_and_a_builtin():
     "damage, error_class, fragments",
     [
         (lambda d: truncate(d / "model.safetensors"), CorruptFileError, ["changed or was damaged since"]),
-        (lambda d: corrupt_header(d / "model.safetensors"), CorruptFileError, ["not a readable safetensors file"]),
-        (lambda d: (d / "config.json").write_text("{nope"), CorruptFileError, ["config.json is not valid JSON"]),
-        (lambda d: edit_json(d / "config.json", _set("task_names", 5)), InvalidConfigError, ["list of strings"]),
+        (
+            lambda d: (drop_record(d), corrupt_header(d / "model.safetensors")),
+            CorruptFileError,
+            ["not a readable safetensors file"],
+        ),
+        (
+            lambda d: (drop_record(d), (d / "config.json").write_text("{nope")),
+            CorruptFileError,
+            ["config.json is not valid JSON"],
+        ),
+        (
+            lambda d: (drop_record(d), edit_json(d / "config.json", _set("task_names", 5))),
+            InvalidConfigError,
+            ["list of strings"],
+        ),
         (lambda d: (d / "model.safetensors").unlink(), MissingFileError, ["no weights (expected model.safetensors)"]),
         (
             lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
@@ -701,7 +736,7 @@ def test_bank_repo_with_a_changed_checkpoint_on_the_hub_is_refused(hub_env, save
     api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset")
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_pretrained(repo_id)
-    assert_says(error, "00001.safetensors has sha256", "the bank manifest recorded")
+    assert_says(error, "00001.safetensors has sha256", "integrity record recorded")
 
 
 # ---- legacy pickled adapter weights -------------------------------------------------------------------------------
@@ -738,7 +773,7 @@ def test_legacy_bin_adapter_of_plain_tensors_is_read(saved, tmp_path, bank):
 
 
 def test_generator_weights_with_a_flipped_bit_in_tensor_data_are_refused(saved, tmp_path, trained_generator):
-    """safetensors has no checksum; the generator's model.safetensors records the SHA-256 of its data section."""
+    """safetensors has no checksum; the generator's integrity record holds the SHA-256 of model.safetensors."""
     folder = copy_folder(saved / "generator", tmp_path / "generator")
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -746,13 +781,13 @@ def test_generator_weights_with_a_flipped_bit_in_tensor_data_are_refused(saved, 
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError) as error:
         PeftCVAEGenerator.from_pretrained(folder)
-    assert_says(error, "model.safetensors has tensor data with sha256", "when it was saved", "save or download")
+    assert_says(error, "model.safetensors has sha256", "when it was saved", "save or download")
     loaded = PeftCVAEGenerator.from_pretrained(saved / "generator")  # the intact copy loads, bit for bit
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained_generator.state_dict().items())
 
 
 def test_generated_adapter_with_a_flipped_bit_in_tensor_data_is_refused(saved, tmp_path):
-    """Adapters peft-cvae writes record the SHA-256 of their data; PEFT still loads them (the hash is metadata)."""
+    """Adapters peft-cvae writes carry an integrity record; PEFT ignores that file and still loads them."""
     folder = copy_folder(saved / "adapter", tmp_path / "adapter")
     weights = folder / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -760,6 +795,6 @@ def test_generated_adapter_with_a_flipped_bit_in_tensor_data_is_refused(saved, t
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError) as error:
         LoraBank.from_adapters({"a": [folder]})
-    assert_says(error, "adapter weights", "has tensor data with sha256", "changed or was damaged since")
+    assert_says(error, "adapter weights", "has sha256", "changed or was damaged since")
     intact = LoraBank.from_adapters({"a": [saved / "adapter"]})
     assert len(intact) == 1

@@ -27,11 +27,11 @@ from peft_cvae import (  # noqa: E402
     UnsupportedAdapterError,
     train_generator,
 )
+from peft_cvae.adapter_io import load_diffusers_lora  # noqa: E402
 from peft_cvae.diffusers_utils import (  # noqa: E402
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_PREFIX,
     get_diffusers_lora_state_dict,
-    load_diffusers_lora,
 )
 from peft_cvae.testing_utils import save_tiny_clip_tokenizer, tiny_stable_diffusion_pipeline, tiny_unet  # noqa: E402
 from tests.testing_utils import fine_tune, small_generator_overrides  # noqa: E402

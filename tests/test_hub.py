@@ -67,6 +67,7 @@ def test_pushed_generator_loads_identically_with_from_pretrained_and_automodel(h
         "README.md",
         "config.json",
         "model.safetensors",
+        "peft_cvae_integrity.json",
     }
     loaded = PeftCVAEGenerator.from_pretrained("user/generator-round-trip")
     auto, info = AutoModel.from_pretrained("user/generator-round-trip", output_loading_info=True)
@@ -120,7 +121,12 @@ def test_save_pretrained_writes_the_card_and_push_to_hub_true_uploads_it(hub_env
 
     generator.save_pretrained(folder, push_to_hub=True, repo_id="user/generator-saved")
 
-    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "peft_cvae_integrity.json",
+    ]
     local_card = ModelCard.load(folder / "README.md")
     assert local_card.data.library_name == "peft-cvae"
     assert f'PeftCVAEGenerator.from_pretrained("{folder}")' in local_card.text
@@ -173,6 +179,7 @@ def test_pushed_adapter_loads_with_plain_peft_like_the_local_folder(hub_env, tra
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "peft_cvae_integrity.json",
     }
     from_hub = PeftModel.from_pretrained(tiny_llama(seed=0), "user/generated-descending").eval()
     from_folder = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / "local").eval()

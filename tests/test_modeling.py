@@ -59,6 +59,7 @@ def test_generated_adapter_loads_into_peft_with_no_missing_or_unexpected_keys(tr
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "peft_cvae_integrity.json",  # the sha256 of each file, checked when peft-cvae reads the adapter
     ]
 
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter", adapter_name="first")
