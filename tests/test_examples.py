@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from peft_cvae import PeftCVAEGenerator
+from peft_cvae.constants import INTEGRITY_NAME
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -94,6 +95,7 @@ def test_diffusers_lora_generation(examples_on_path, tmp_path, fresh_accelerate_
         assert result["files"] == [
             "adapter_config.json",
             "adapter_model.safetensors",
+            INTEGRITY_NAME,
             "pytorch_lora_weights.safetensors",
         ]
         assert result["same_tensors"] and result["lora_alpha"] == 8 and result["change"] > 0
