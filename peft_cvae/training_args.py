@@ -22,8 +22,10 @@ def _is_positive_int(value) -> bool:
 class GeneratorTrainingArguments:
     """How `train_generator` fits a `PeftCVAEGenerator` to a `LoraBank` (optimiser, schedule, output, resuming)."""
 
+    # 300 stays the cap: measured on a 30-checkpoint bank, 100 epochs left the loss at 0.25 against 0.007 after 300
+    # (2 optimiser steps per epoch); early stopping, not a lower cap, is what ends a run once the loss is flat.
     epochs: int = field(
-        default=100, metadata={"help": "passes over the bank at most (early stopping usually ends sooner)"}
+        default=300, metadata={"help": "passes over the bank at most (early stopping ends sooner on a plateau)"}
     )
     lr: float = field(
         default=1e-3, metadata={"help": "peak learning rate of AdamW; linear warm-up, then cosine decay to 0"}

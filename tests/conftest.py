@@ -21,7 +21,9 @@ def trained_generator(bank):
     from peft_cvae import PeftCVAEGenerator, train_generator
 
     generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
-    history = train_generator(generator, bank, epochs=200, lr=3e-3, batch_size=4, show_progress=False)
+    history = train_generator(  # all 200 epochs (no early stopping): tests check the history's length
+        generator, bank, epochs=200, lr=3e-3, batch_size=4, show_progress=False, early_stopping_patience=0
+    )
     generator.training_history = history
     return generator.eval()
 
