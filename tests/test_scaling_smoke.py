@@ -1,0 +1,29 @@
+"""Smoke test of benchmarks/scaling.py: one tiny layout measured in-process, and the report rendered from it."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import scaling  # noqa: E402
+
+
+def test_worker_measures_a_tiny_layout(tmp_path, monkeypatch):
+    layout = scaling.Layout("tiny", scaling.ModelShape("tiny", num_layers=2, hidden=16, kv=8, intermediate=32), 2,
+                            scaling.ALL_LINEAR)  # fmt: skip
+    assert layout.numel() == sum(a * b for a, b in layout.state_dict_shapes().values())
+    args = argparse.Namespace(tasks=2, checkpoints_per_task=2, batch_size=2, train_steps=2, threads=1)
+    record = scaling.worker(layout, None, args)
+    assert record["numel"] == layout.numel() and record["num_checkpoints"] == 4
+    assert record["bank_bytes"] > 4 * 4 * layout.numel()  # four fp32 checkpoints, plus headers and manifest
+    assert record["saved_bytes_batch2"] > record["saved_bytes_batch1"] > 0
+    assert record["activation_bytes_per_number_per_sample"] > 0
+    assert record["seconds_per_step"] > 0 and record["generate_seconds"] > 0
+    assert record["train_peak_rss_mb"] >= record["baseline_rss_mb"]
+
+    record.update(label="tiny", full_numel=layout.numel(), scaled=False)
+    results = {"settings": {"tasks": 2, "checkpoints_per_task": 2, "batch_size": 2, "threads": 1}, "layouts": [record]}
+    monkeypatch.setattr(scaling, "REPORT", tmp_path / "report.md")
+    scaling.write_report(results)
+    assert "| tiny | " in (tmp_path / "report.md").read_text()
