@@ -349,6 +349,8 @@ def build_demo(generator, base_model=None, tokenizer=None, *, allow_environment_
                     datatype=["str", "number", "str"],
                     label="Training tasks the condition resembles",
                     interactive=False,
+                    wrap=True,
+                    column_widths=["22%", "14%", "64%"],
                 )
                 download = gr.File(label="Adapter folder (zip)")
         with gr.Group(visible=demo_backend.can_compare):
