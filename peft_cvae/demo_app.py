@@ -404,12 +404,22 @@ def load_demo(generator, base_model=None, *, token=None, load_base_model: bool =
     layout = generator.config.lora_layout
     if not load_base_model or layout.library != "peft":
         return generator, None, None
-    if base_model is None:
+    recorded = base_model is None
+    if recorded:
         base_model = layout.lora_config.get("base_model_name_or_path")
         if not base_model:
             return generator, None, None  # nothing recorded: the page says the comparison is off
     if isinstance(base_model, (str, os.PathLike)):
-        model = AutoModelForCausalLM.from_pretrained(base_model, token=token).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_model, token=token).eval()
+        except (OSError, ValueError) as error:
+            if not recorded:
+                raise
+            raise DemoError(
+                f"The generator's LoRAs record the base model {str(base_model)!r}, which cannot be loaded here "
+                f"({str(error).splitlines()[0]}). Name the base model (base_model=, or PEFT_CVAE_BASE_MODEL on a "
+                "Space), or turn the comparison off (load_base_model=False, or PEFT_CVAE_BASE_MODEL=none)."
+            ) from error
         source = base_model
     else:
         model, source = base_model, getattr(base_model, "name_or_path", None)

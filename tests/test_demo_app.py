@@ -1,6 +1,7 @@
 """The interactive demo (peft_cvae.demo_app, spaces/app.py): the backend without gradio, then the launched page driven
 through `gradio_client` (skipped when gradio is not installed), then the Space's entry point."""
 
+import copy
 import runpy
 import socket
 import zipfile
@@ -214,6 +215,18 @@ def test_bad_requests_are_clear_errors(text_generator, hidden_generator, tiny_ba
         AdapterDemo(text_generator, tiny_llama())
     with pytest.raises(DemoError, match="PeftModel"):
         AdapterDemo(text_generator, adapter.to_peft_model(tiny_llama()), object())
+
+
+def test_an_unloadable_recorded_base_model_says_how_to_name_another(text_generator, tiny_base):
+    from peft_cvae.demo_app import load_demo
+
+    moved = copy.deepcopy(text_generator)  # LoRAs trained on a base model at a path of another machine
+    moved.config.layout["lora_config"]["base_model_name_or_path"] = "/path/of/another/machine/base"
+    with pytest.raises(DemoError, match="PEFT_CVAE_BASE_MODEL"):
+        load_demo(moved)
+    generator, base, tokenizer = load_demo(moved, str(tiny_base))
+    assert generator is moved and AdapterDemo(generator, base, tokenizer).can_compare
+    assert load_demo(moved, load_base_model=False) == (moved, None, None)
 
 
 # ---- the launched page, through gradio_client -----------------------------------------------------------------------
