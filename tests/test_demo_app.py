@@ -237,10 +237,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def gradio_env(monkeypatch):
+def gradio_env(monkeypatch, tmp_path):
     pytest.importorskip("gradio")
     pytest.importorskip("gradio_client")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the tests
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # gradio's copies of the zips, not in /tmp/gradio
 
 
 def test_launched_demo_through_gradio_client(gradio_env, hub_env, text_generator, tiny_base, tmp_path):
