@@ -44,8 +44,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `peft_cv
 
 from benchmarks.bigbench import pipeline, report  # noqa: E402
 from benchmarks.bigbench.data import ensure_task_files, load_task_files  # noqa: E402
-from benchmarks.bigbench.presets import PRESETS, SELECTION_FIELDS, Settings  # noqa: E402
-from benchmarks.bigbench.selection import BenchTask, select_tasks, selection_summary, split_families  # noqa: E402
+from benchmarks.bigbench.presets import PRESETS, SPLIT_FIELDS, Settings  # noqa: E402
+from benchmarks.bigbench.selection import BenchTask, select_and_split  # noqa: E402
 from peft_cvae.collect import TaskExample  # noqa: E402
 from peft_cvae.file_utils import atomic_directory, read_json  # noqa: E402
 from peft_cvae.task_encoding import HiddenStateTaskEncoder, TextTaskEncoder  # noqa: E402
@@ -87,24 +87,33 @@ def _task_from_json(data: dict) -> BenchTask:
 
 
 def load_selection(settings: Settings, cache: Path, tokenizer) -> tuple[dict, dict]:
-    """The selected tasks (cached as JSON: selecting tokenizes tens of thousands of examples) and the sdist record."""
+    """The used tasks and the family split (cached as JSON: the token rule tokenizes thousands of examples), and
+    the sdist record."""
     if settings.tiny:
         from benchmarks.bigbench.tiny import write_tiny_tasks
 
         tasks_dir, sdist = write_tiny_tasks(cache / "tiny_tasks"), {"requirement": "synthetic (tiny preset)"}
     else:
         tasks_dir, sdist = ensure_task_files(cache)
-    path = cache / "selection" / f"{settings.key(SELECTION_FIELDS, sdist.get('sha256'))}.json"
+    path = cache / "selection" / f"{settings.key(SPLIT_FIELDS, sdist.get('sha256'))}.json"
     if not path.is_file():
         print("Reading the task files and applying the selection rules ...", flush=True)
-        selection = select_tasks(load_task_files(tasks_dir), tokenizer, settings.rules, progress=tqdm)
-        stored = {
-            "tasks": {name: _task_to_json(task) for name, task in selection["tasks"].items()},
-            "skipped": selection["skipped"],
-        }
-        pipeline.save_json(stored, path)
+        selection = select_and_split(
+            load_task_files(tasks_dir),
+            tokenizer,
+            settings.rules,
+            split_seed=settings.split_seed,
+            heldout_families=settings.heldout_families,
+            train_tasks_per_family=settings.train_tasks_per_family,
+            heldout_tasks_per_family=settings.heldout_tasks_per_family,
+            max_train_tasks=settings.max_train_tasks,
+            progress=tqdm,
+        )
+        selection["tasks"] = {name: _task_to_json(task) for name, task in selection["tasks"].items()}
+        pipeline.save_json(selection, path)
     stored = read_json(path)
-    return {"tasks": {p: _task_from_json(t) for p, t in stored["tasks"].items()}, "skipped": stored["skipped"]}, sdist
+    stored["tasks"] = {p: _task_from_json(t) for p, t in stored["tasks"].items()}
+    return stored, sdist
 
 
 def random_string(seed: str, words: int = 8) -> str:
@@ -141,15 +150,7 @@ def run(settings: Settings, cache: Path) -> dict:
     hidden_encoder = HiddenStateTaskEncoder(base, tokenizer, max_length=settings.rules.max_tokens)
     selection, sdist = load_selection(settings, cache, tokenizer)
     timings["data_and_selection"] = time.perf_counter() - started
-    tasks = selection["tasks"]
-    split = split_families(
-        tasks,
-        split_seed=settings.split_seed,
-        heldout_families=settings.heldout_families,
-        train_tasks_per_family=settings.train_tasks_per_family,
-        heldout_tasks_per_family=settings.heldout_tasks_per_family,
-        max_train_tasks=settings.max_train_tasks,
-    )
+    tasks, split = selection["tasks"], selection["split"]
     bank_tasks = [tasks[path] for path in split["train"]]
     heldout = [tasks[path] for path in split["heldout"]]
     print(f"{len(bank_tasks)} bank tasks ({len(split['train_families'])} families); {len(heldout)} held-out tasks "
@@ -240,7 +241,11 @@ def run(settings: Settings, cache: Path) -> dict:
     return {
         "benchmark": "bigbench_zero_shot",
         "settings": settings.to_dict(),
-        "data": {"sdist": sdist, **selection_summary(selection)},
+        "data": {
+            "sdist": sdist,
+            **selection["counts"],
+            "skipped": {reason: len(paths) for reason, paths in selection["skipped"].items()},
+        },
         "split": {
             **split,
             "train_tasks": len(split["train"]),

@@ -235,9 +235,11 @@ class Scorer:
             if load.unexpected_keys:
                 raise RuntimeError(f"Scoring {control}: unexpected LoRA keys {load.unexpected_keys[:3]}")
             result = evaluate_answers(self.model, self.tokenizer, examples, **arguments)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
         self.scored += 1
         summary = {key: result[key] for key in ("answer_nll", "accuracy", "num_tokens", "num_examples")}
+        summary["seconds"] = round(seconds, 3)
         summary["example_nll"] = [round(v, 4) for v in result["example_nll"]]
         summary["example_tokens"] = result["example_tokens"]
         if not math.isfinite(summary["answer_nll"]):

@@ -16,6 +16,22 @@ from pathlib import Path
 __all__ = ["console_table", "markdown", "plots", "summarize"]
 
 BASELINES = ("multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix")
+FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES)
+VARIANT_ORDER = ("plain", "task memory")
+
+
+def ordered(names) -> list[str]:
+    """Controls in a fixed order (the JSON stores keys sorted): base, oracle, the simple controls, then the generated
+    ones by variant, condition kind, own / shuffled / random string."""
+
+    def rank(name: str):
+        if name in FIRST:
+            return (0, FIRST.index(name), "")
+        variant = next((i for i, v in enumerate(VARIANT_ORDER) if f"({v})" in name), 9)
+        source = 1 if name.endswith(", shuffled") else 2 if name.endswith(", random string") else 0
+        return (1, variant, ("examples" in name, source, name))
+
+    return sorted(names, key=rank)
 
 
 def _families(results) -> dict[str, str]:
@@ -28,7 +44,7 @@ def _bootstrap(values_by_task: dict[str, float], families: dict[str, str], sampl
     if not values:
         return None, None, None
     groups: dict[str, list[float]] = {}
-    for name, value in values.items():
+    for name, value in sorted(values.items()):
         groups.setdefault(families[name], []).append(value)
     clusters = list(groups.values())
     mean = sum(values.values()) / len(values)
@@ -46,7 +62,7 @@ def summarize(results: dict) -> dict:
     heldout = results["heldout"]
     families = _families(results)
     samples = results["settings"]["bootstrap_samples"]
-    controls = list(next(iter(heldout.values())))
+    controls = ordered(next(iter(heldout.values())))
     summary = {"controls": {}, "differences": {}, "wins": {}}
     for control in controls:
         nll = {task: scores[control]["answer_nll"] for task, scores in heldout.items()}
@@ -97,7 +113,8 @@ def _share(value) -> str:
 def console_table(results: dict) -> str:
     summary = results["summary"]
     lines = [f"{'control':58s} {'answer NLL [95% CI]':28s} {'accuracy':24s} recovered"]
-    for control, row in summary["controls"].items():
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
         lines.append(
             f"{control:58s} {_interval(row['answer_nll']):28s} {_interval(row['accuracy']):24s} "
             f"{_share(row['recovered_of_average'])}"
@@ -118,7 +135,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     tasks = sorted(heldout)
     paths = []
     shown = ["nearest description", "top-k mix", "multi-task LoRA", "mean of bank LoRAs"]
-    shown += [c for c in next(iter(heldout.values())) if c.startswith("generated") and ", " not in c]
+    shown += [c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c]
 
     def recovered(task, control):
         base, oracle = heldout[task]["base"]["answer_nll"], heldout[task]["oracle"]["answer_nll"]
@@ -207,10 +224,13 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
         "## Data and split",
         "",
         f"- Source: {data['sdist'].get('requirement')} (sdist sha256 `{data['sdist'].get('sha256', '-')}`).",
-        f"- Selected by the rules: {data['selected_tasks']} tasks in {data['selected_families']} families "
-        f"({data['multiple_choice_tasks']} multiple choice, {data['generative_tasks']} generative); skipped: "
-        + ", ".join(f"{count} {reason}" for reason, count in data["skipped"].items())
-        + ".",
+        f"- Rules (`benchmarks/bigbench/selection.py`): {data['task_files']} task files -> {data['candidate_tasks']} "
+        f"candidate tasks in {data['candidate_families']} families (JSON, English, enough raw examples; skipped: "
+        + ", ".join(
+            f"{count} {reason}" for reason, count in data["skipped"].items() if reason != "too few usable examples"
+        )
+        + f"). The split walk checked the token rule on {data['checked_tasks']} of them, {data['usable_of_checked']} "
+        f"passed; used: {data['multiple_choice_used']} multiple choice, {data['generative_used']} generative.",
         f"- Split seed {settings['split_seed']}: bank = {split['train_tasks']} tasks from "
         f"{len(split['train_families'])} families; held out = {split['heldout_tasks']} tasks from "
         f"{len(split['heldout_families'])} families ({', '.join(split['heldout_families'])}).",
@@ -227,7 +247,8 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
         "| control | answer NLL (lower is better) | MC accuracy | recovered (of average) | recovered (median task) |",
         "|---|---|---|---|---|",
     ]
-    for control, row in summary["controls"].items():
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
         lines.append(
             f"| {control} | {_interval(row['answer_nll'])} | {_interval(row['accuracy'])} | "
             f"{_share(row['recovered_of_average'])} | {_share(row['recovered_median'])} |"
@@ -242,7 +263,8 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
         "| generated | difference [95% CI] | tasks won against: " + " / ".join(BASELINES) + " / base / oracle |",
         "|---|---|---|",
     ]
-    for control, difference in summary["differences"].items():
+    for control in ordered(summary["differences"]):
+        difference = summary["differences"][control]
         if ", " in control:
             continue
         wins = summary["wins"][control]
@@ -256,7 +278,8 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
         "| own beats random |",
         "|---|---|---|---|---|---|",
     ]
-    for control, row in summary["controls"].items():
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
         if not control.startswith("generated") or ", " in control:
             continue
         shuffled, random_string = f"{control}, shuffled", f"{control}, random string"
@@ -271,10 +294,10 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
     lines += ["", "### Per held-out task: answer NLL (accuracy)", ""]
     heldout = results["heldout"]
     columns = ["base", "oracle", *BASELINES] + [
-        c for c in next(iter(heldout.values())) if c.startswith("generated") and ", " not in c
+        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c
     ]
     lines += ["| task | family | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for task, scores in heldout.items():
+    for task, scores in sorted(heldout.items()):
         cells = []
         for column in columns:
             score = scores[column]
@@ -282,11 +305,11 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
             cells.append(f"{score['answer_nll']:.2f}{accuracy}")
         lines.append(f"| {task} | {results['tasks'][task]['family']} | " + " | ".join(cells) + " |")
     lines += ["", "Retrieval picks (nearest bank task by description):", ""]
-    for task, picked in results["retrieval"].items():
+    for task, picked in sorted(results["retrieval"].items()):
         lines.append(f"- {task} -> {picked['nearest']}")
     seen = results["seen"]
     if seen:
-        seen_columns = list(next(iter(seen.values())))
+        seen_columns = ordered(next(iter(seen.values())))
         lines += [
             "",
             "## Seen tasks (bank tasks' own test examples: memorisation stays visible)",
@@ -294,7 +317,7 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
             "| task | " + " | ".join(seen_columns) + " |",
             "|---|" + "---|" * len(seen_columns),
         ]
-        for task, scores in seen.items():
+        for task, scores in sorted(seen.items()):
             lines.append(f"| {task} | " + " | ".join(f"{scores[c]['answer_nll']:.2f}" for c in seen_columns) + " |")
     lines += [
         "",
@@ -303,23 +326,29 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
         "| generator | parameters | train s | first loss | final loss |",
         "|---|---|---|---|---|",
     ]
-    for name, entry in results["generators"].items():
+    for name, entry in sorted(results["generators"].items()):
         lines.append(
             f"| {name} | {entry['parameters']:,} | {entry['train_seconds']:.0f} | {entry['first_loss']:.4f} | "
             f"{entry['final_loss']:.4f} |"
         )
-    lora_seconds = list(results["loras"]["per_task_train_seconds"].values())
+    lora_seconds = sorted(results["loras"]["per_task_train_seconds"].values())
+    score_seconds = [
+        s.get("seconds", 0.0) for part in ("heldout", "seen") for t in results[part].values() for s in t.values()
+    ]
+    generator_seconds = sum(entry["train_seconds"] for entry in results["generators"].values())
     lines += [
         "",
         "## Cost",
         "",
-        f"- Wall time of this run: {timings['total'] / 60:.1f} min (data and selection "
-        f"{timings['data_and_selection']:.0f} s, LoRAs {timings['loras_loaded_or_trained']:.0f} s, generators "
-        f"{timings['generators_loaded_or_trained']:.0f} s, scoring {timings['scoring']:.0f} s); cached steps count "
-        "as loading time.",
-        f"- Per-task LoRA training: median {sorted(lora_seconds)[len(lora_seconds) // 2]:.0f} s "
-        f"({len(lora_seconds)} LoRAs); multi-task LoRA {results['loras']['multitask']['train_seconds']:.0f} s; "
-        f"{timings['scores_computed']} scores computed in {timings['scoring_seconds']:.0f} s.",
+        "Compute time of each step as recorded when it ran (cached steps keep their original time):",
+        "",
+        f"- LoRAs: {len(lora_seconds)} task LoRAs, {sum(lora_seconds) / 60:.1f} min in all (median "
+        f"{lora_seconds[len(lora_seconds) // 2]:.0f} s per task); multi-task LoRA "
+        f"{results['loras']['multitask']['train_seconds'] / 60:.1f} min.",
+        f"- Generators: {len(results['generators'])} trained in {generator_seconds / 60:.1f} min.",
+        f"- Scoring: {len(score_seconds)} (task, control) scores in {sum(score_seconds) / 60:.1f} min.",
+        f"- This invocation: {timings['total'] / 60:.1f} min wall ({timings['scores_computed']} scores computed; "
+        f"data and selection {timings['data_and_selection']:.0f} s).",
         f"- Environment: Python {results['environment']['python']}, torch {results['environment']['torch']}, "
         f"{results['environment']['cpu_threads']} threads.",
     ]

@@ -1,6 +1,6 @@
 """Which BIG-bench tasks the benchmark uses, by written rules, and the split of their families into bank / held-out.
 
-Rules (nothing is picked by hand; `select_tasks` applies them to whatever task files it is given):
+Rules (nothing is picked by hand; `select_and_split` applies them to whatever task files it is given):
 
 1. A JSON task: its `task.json` has an `examples` list (programmatic `task.py` tasks and family index files have none).
 2. English: no keyword among `NON_ENGLISH_KEYWORDS`, and no part of its path (split at `/` and `_`) among
@@ -27,17 +27,18 @@ example_output_prefix`, the answer the target. Defaults: `"\\nQ: "`, `"\\nA: "`,
 
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from peft_cvae.collect import TaskData, TaskExample
 
 __all__ = [
     "BenchTask",
     "SelectionRules",
+    "candidate_tasks",
+    "check_task",
     "family_of",
     "safe_task_name",
-    "select_tasks",
-    "split_families",
+    "select_and_split",
     "task_format",
 ]
 
@@ -191,85 +192,129 @@ def _split(examples: list[TaskExample], rules: SelectionRules) -> dict[str, list
     }
 
 
-def select_tasks(task_files: dict[str, dict], tokenizer, rules: SelectionRules, *, progress=None) -> dict:
-    """Apply the rules to `{path: task.json}`: `{"tasks": {path: BenchTask}, "skipped": {reason: [paths]}}`."""
-    selected, skipped = {}, {"no examples": [], "not English": [], "too few usable examples": []}
-    paths = sorted(task_files)
-    for path in paths if progress is None else progress(paths, desc="Selecting tasks", unit="task"):
+def candidate_tasks(task_files: dict[str, dict], rules: SelectionRules) -> tuple[list[str], dict[str, list[str]]]:
+    """The cheap rules (1 and 2, and the raw example count): candidate paths, and the skipped ones by reason."""
+    candidates, skipped = [], {"no examples": [], "fewer raw examples than needed": [], "not English": []}
+    for path in sorted(task_files):
         task = task_files[path]
-        if not isinstance(task.get("examples"), list) or len(task["examples"]) < rules.min_examples:
-            skipped["no examples" if not task.get("examples") else "too few usable examples"].append(path)
-            continue
-        if not is_english(path, task):
+        if not isinstance(task.get("examples"), list) or not task["examples"]:
+            skipped["no examples"].append(path)
+        elif len(task["examples"]) < rules.min_examples:
+            skipped["fewer raw examples than needed"].append(path)
+        elif not is_english(path, task):
             skipped["not English"].append(path)
-            continue
-        examples = _usable_examples(path, task, tokenizer, rules)
-        if len(examples) < rules.min_examples:
-            skipped["too few usable examples"].append(path)
-            continue
-        input_prefix, output_prefix, _, _ = task_format(task)
-        selected[path] = BenchTask(
-            path=path,
-            family=family_of(path),
-            description=str(task.get("description", "")).strip() or path,
-            keywords=[str(k) for k in task.get("keywords", [])],
-            multiple_choice=examples[0].choices is not None,
-            input_prefix=input_prefix,
-            output_prefix=output_prefix,
-            splits=_split(examples, rules),
-        )
-    return {"tasks": selected, "skipped": skipped}
+        else:
+            candidates.append(path)
+    return candidates, skipped
 
 
-def split_families(
-    tasks: dict[str, BenchTask],
+def check_task(path: str, task: dict, tokenizer, rules: SelectionRules) -> BenchTask | None:
+    """Rules 3 and 4 for one candidate: the task with its example splits, or None (too few usable examples)."""
+    examples = _usable_examples(path, task, tokenizer, rules)
+    if len(examples) < rules.min_examples:
+        return None
+    input_prefix, output_prefix, _, _ = task_format(task)
+    return BenchTask(
+        path=path,
+        family=family_of(path),
+        description=str(task.get("description", "")).strip() or path,
+        keywords=[str(k) for k in task.get("keywords", [])],
+        multiple_choice=examples[0].choices is not None,
+        input_prefix=input_prefix,
+        output_prefix=output_prefix,
+        splits=_split(examples, rules),
+    )
+
+
+def select_and_split(
+    task_files: dict[str, dict],
+    tokenizer,
+    rules: SelectionRules,
     *,
     split_seed: int,
     heldout_families: int,
     train_tasks_per_family: int,
     heldout_tasks_per_family: int,
     max_train_tasks: int | None = None,
+    progress=None,
 ) -> dict:
-    """Draw the held-out families and the tasks used per family; `{"train": [paths], "heldout": [paths], ...}`.
+    """Apply the rules and draw the family split (rule 5); returns the used tasks, the split and the counts.
 
-    Every family's tasks are shuffled with `split_seed` before the per-family caps; with `max_train_tasks` the bank
-    takes one task per family in the shuffled family order, round after round, until it has that many.
+    Families of candidate tasks are shuffled with `split_seed` (and the tasks within each family too). Walking that
+    order, the first `heldout_families` families with a usable task are held out; the others form the bank, which
+    takes the i-th usable task of every bank family in round i (up to `train_tasks_per_family` rounds, and at most
+    `max_train_tasks` tasks). The token rule (tokenizing thousands of examples) runs only on the tasks this walk
+    reaches, in the walk's order, so the result equals checking every task first: a task is used exactly when it is
+    usable and the walk reaches it.
     """
+    candidates, skipped = candidate_tasks(task_files, rules)
+    skipped["too few usable examples"] = []
     families: dict[str, list[str]] = {}
-    for path in sorted(tasks):
-        families.setdefault(tasks[path].family, []).append(path)
+    for path in candidates:
+        families.setdefault(family_of(path), []).append(path)
     names = sorted(families)
     rng = random.Random(split_seed)
     rng.shuffle(names)
     for family in names:
         rng.shuffle(families[family])
-    if heldout_families >= len(names):
-        raise ValueError(f"Cannot hold out {heldout_families} of {len(names)} families; some must train the bank.")
-    heldout_names, train_names = names[:heldout_families], names[heldout_families:]
-    heldout = [path for family in heldout_names for path in families[family][:heldout_tasks_per_family]]
-    rounds = [[families[f][i] for f in train_names if i < len(families[f])] for i in range(train_tasks_per_family)]
-    train = [path for round_paths in rounds for path in round_paths]
-    if max_train_tasks is not None:
-        train = train[:max_train_tasks]
+    usable: dict[str, list[BenchTask]] = {family: [] for family in names}
+    visited = dict.fromkeys(names, 0)
+    bar = progress(total=len(candidates), desc="Checking tasks", unit="task") if progress else None
+
+    def nth_usable(family: str, index: int) -> BenchTask | None:
+        while len(usable[family]) <= index and visited[family] < len(families[family]):
+            path = families[family][visited[family]]
+            visited[family] += 1
+            task = check_task(path, task_files[path], tokenizer, rules)
+            if task is None:
+                skipped["too few usable examples"].append(path)
+            else:
+                usable[family].append(task)
+            if bar is not None:
+                bar.update(1)
+        return usable[family][index] if index < len(usable[family]) else None
+
+    heldout_names, train_names = [], []
+    for family in names:
+        if len(heldout_names) < heldout_families:
+            if nth_usable(family, 0) is not None:
+                heldout_names.append(family)
+        else:
+            train_names.append(family)
+    if len(heldout_names) < heldout_families:
+        raise ValueError(
+            f"Only {len(heldout_names)} families have a usable task; {heldout_families} were to be held out."
+        )
+    heldout = [t for family in heldout_names for i in range(heldout_tasks_per_family) if (t := nth_usable(family, i))]
+    train: list[BenchTask] = []
+    for index in range(train_tasks_per_family):
+        for family in train_names:
+            if max_train_tasks is not None and len(train) >= max_train_tasks:
+                break
+            task = nth_usable(family, index)
+            if task is not None:
+                train.append(task)
+    if bar is not None:
+        bar.close()
+    if not train:
+        raise ValueError("No bank family has a usable task: hold out fewer families or relax the rules.")
+    checked = sum(visited.values())
     return {
-        "train": train,
-        "heldout": heldout,
-        "train_families": sorted({tasks[path].family for path in train}),
-        "heldout_families": sorted(heldout_names),
+        "tasks": {task.path: task for task in heldout + train},
+        "split": {
+            "train": [task.path for task in train],
+            "heldout": [task.path for task in heldout],
+            "train_families": sorted({task.family for task in train}),
+            "heldout_families": sorted(heldout_names),
+        },
+        "skipped": skipped,
+        "counts": {
+            "task_files": len(task_files),
+            "candidate_tasks": len(candidates),
+            "candidate_families": len(names),
+            "checked_tasks": checked,
+            "usable_of_checked": sum(len(tasks) for tasks in usable.values()),
+            "multiple_choice_used": sum(task.multiple_choice for task in heldout + train),
+            "generative_used": sum(not task.multiple_choice for task in heldout + train),
+        },
     }
-
-
-def selection_summary(selection: dict) -> dict:
-    """Counts for the report: selected tasks, families, multiple choice vs generative, skipped by reason."""
-    tasks = selection["tasks"]
-    return {
-        "selected_tasks": len(tasks),
-        "selected_families": len({task.family for task in tasks.values()}),
-        "multiple_choice_tasks": sum(task.multiple_choice for task in tasks.values()),
-        "generative_tasks": sum(not task.multiple_choice for task in tasks.values()),
-        "skipped": {reason: len(paths) for reason, paths in selection["skipped"].items()},
-    }
-
-
-def rules_dict(rules: SelectionRules) -> dict:
-    return asdict(rules)
