@@ -76,7 +76,7 @@ PRESETS = {
     # >= 20 held-out families, >= 100 bank tasks (DESIGN §8). About a day on one CPU core; an hour or so on a GPU.
     "full": Settings(
         heldout_families=24,
-        train_tasks_per_family=3,
+        train_tasks_per_family=4,  # 3 gave 95 bank tasks for split seed 0; the issue asks for >= 100
         heldout_tasks_per_family=1,
         steps=40,
         bf16=False,  # on this CPU float32 is faster; set True on a GPU

@@ -150,7 +150,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     axis.axhline(0, color="black", linewidth=0.8)
     axis.axhline(1, color="gray", linewidth=0.8, linestyle="--")
     axis.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=7)
-    axis.set_ylabel("share of the oracle's NLL gain recovered (clipped to [-1, 1.5])")
+    axis.set_ylabel("share of oracle's NLL gain recovered")
     axis.legend(fontsize=6, ncol=2)
     figure.tight_layout()
     paths.append(output_dir / f"{prefix}_recovered.png")
