@@ -1,0 +1,252 @@
+"""The expensive steps of the BIG-bench zero-shot benchmark, each cached atomically under the cache folder.
+
+- `task_loras`: one LoRA per task (bank tasks and held-out oracles) through `peft_cvae.collect.train_task_lora`, the
+  package's own collection path; each task's kept checkpoints are saved as a one-task `LoraBank`.
+- `multitask_lora`: one LoRA on the union of all bank tasks' training examples (each example keeps its own task's
+  prompt format), with `multitask_step_fraction` x (bank tasks x steps) optimiser steps.
+- `conditions`: description vectors (MiniLM, `TextTaskEncoder`) and in-context vectors (Eq. 1,
+  `HiddenStateTaskEncoder` over each task's first `num_examples` training examples, prompt + answer).
+- `train_generators`: today's `PeftCVAEGenerator.from_bank`, plain and with `task_memory=True`, on the description
+  bank and on the in-context bank (the same checkpoints, other conditions).
+- `Scorer`: answer NLL / accuracy of one LoRA on one task's test examples, cached per (task, control, LoRA key).
+
+Nothing is written half: banks and generators go through `save_pretrained` (atomic), JSON through `write_json`.
+"""
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from peft.utils import set_peft_model_state_dict
+
+from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
+from peft_cvae.answer_evaluation import evaluate_answers
+from peft_cvae.collect import CollectArguments, TaskData, TaskExample, train_task_lora
+from peft_cvae.file_utils import read_json, write_json
+
+from .presets import CONDITION_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
+from .selection import BenchTask
+
+GENERATOR_VARIANTS = {"plain": {}, "task memory": {"task_memory": True}}
+CONDITION_KINDS = ("description", "examples")
+
+
+def save_json(data, path: Path) -> None:
+    """`write_json` (atomic) into a folder created if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(data, path)
+
+
+def collect_arguments(settings: Settings, steps: int | None = None) -> CollectArguments:
+    return CollectArguments(
+        lora_r=settings.lora_r,
+        steps=steps or settings.steps,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        max_length=settings.rules.max_tokens + 1,  # + EOS after the answer
+        save_steps=settings.save_steps,
+        last_fraction=settings.last_fraction,
+        bf16=settings.bf16,
+        seed=settings.lora_seed,
+    )
+
+
+def _quiet_bank_load(folder: Path) -> LoraBank:
+    return LoraBank.from_pretrained(folder)
+
+
+# ---- LoRAs ---------------------------------------------------------------------------------------------------------
+def task_loras(base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path, *, what: str) -> dict:
+    """`{task name: {"bank": LoraBank (its kept checkpoints), "train_seconds", "loss", "steps"}}`, training what is
+    not cached yet (one task at a time, so an interrupted run resumes at the task it was on)."""
+    folder = cache / "loras" / settings.key(LORA_FIELDS)
+    results = {}
+    for index, task in enumerate(tasks):
+        entry = folder / task.name
+        if not (entry / "summary.json").is_file():
+            data = task.task_data("train")
+            label = f"{what} LoRA [{index + 1}/{len(tasks)}] {task.name}"
+            result = train_task_lora(base, tokenizer, data, collect_arguments(settings), progress_label=label)
+            result.bank.save_pretrained(entry / "bank")
+            summary = {"train_seconds": result.train_seconds, "loss": result.loss, "steps": result.steps}
+            save_json(summary, entry / "summary.json")  # last: marks the entry complete
+            del result
+        results[task.name] = {**read_json(entry / "summary.json"), "bank": _quiet_bank_load(entry / "bank")}
+    return results
+
+
+def multitask_lora(base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path) -> dict:
+    """One LoRA on every bank task's training examples (Text-to-LoRA's main baseline), cached."""
+    steps = max(1, round(settings.multitask_step_fraction * settings.steps * len(tasks)))
+    key = settings.key(LORA_FIELDS, "multitask", settings.multitask_step_fraction, sorted(t.name for t in tasks))
+    entry = cache / "multitask" / key
+    if not (entry / "summary.json").is_file():
+        examples = [
+            TaskExample(input=task.input_prefix + e.input + task.output_prefix, target=e.target, choices=e.choices)
+            for task in tasks
+            for e in task.splits["train"]
+        ]
+        data = TaskData(
+            name="multitask", description="all bank tasks", examples=examples, input_prefix="", output_prefix=""
+        )
+        args = collect_arguments(settings, steps=steps)
+        result = train_task_lora(base, tokenizer, data, args, progress_label=f"multi-task LoRA ({steps} steps)")
+        result.bank.save_pretrained(entry / "bank")
+        save_json({"train_seconds": result.train_seconds, "loss": result.loss, "steps": steps}, entry / "summary.json")
+    return {**read_json(entry / "summary.json"), "bank": _quiet_bank_load(entry / "bank")}
+
+
+def final_vector(bank: LoraBank) -> torch.Tensor:
+    """The flat vector of the last kept checkpoint (the LoRA at the end of training). Shape (N,)."""
+    return bank.layout.flatten(bank.checkpoints[-1].state_dict)
+
+
+def mean_vector(bank: LoraBank) -> torch.Tensor:
+    """The mean of the kept checkpoints' flat vectors (what a faithful generator converges to). Shape (N,)."""
+    return torch.stack([bank.layout.flatten(checkpoint.state_dict) for checkpoint in bank.checkpoints]).mean(dim=0)
+
+
+# ---- conditions ----------------------------------------------------------------------------------------------------
+def example_texts(task: BenchTask, count: int) -> list[str]:
+    return task.task_data("train").sample_texts(count)
+
+
+def conditions(text_encoder, hidden_encoder, tasks: list[BenchTask], extra_texts: dict, settings, cache) -> dict:
+    """`{"description": {name: (384,)}, "examples": {name: (H,)}}` for `tasks`, plus `extra_texts` ({label: text},
+    encoded both ways: a text for the description encoder, the same text as a one-example list for Eq. 1)."""
+    path = cache / "conditions" / f"{settings.key(CONDITION_FIELDS, text_encoder.to_dict())}.json"
+    stored = read_json(path) if path.is_file() else {"description": {}, "examples": {}}
+    todo = [task for task in tasks if task.name not in stored["description"] or task.name not in stored["examples"]]
+    todo_extra = {label: text for label, text in extra_texts.items() if label not in stored["description"]}
+    if todo or todo_extra:
+        for task in todo:
+            stored["description"][task.name] = text_encoder.encode(task.description).tolist()
+            stored["examples"][task.name] = hidden_encoder.encode(example_texts(task, settings.num_examples)).tolist()
+        for label, text in todo_extra.items():
+            stored["description"][label] = text_encoder.encode(text).tolist()
+            stored["examples"][label] = hidden_encoder.encode([text]).tolist()
+        save_json(stored, path)
+    return {kind: {name: torch.tensor(vector) for name, vector in stored[kind].items()} for kind in CONDITION_KINDS}
+
+
+# ---- generators ----------------------------------------------------------------------------------------------------
+def condition_bank(loras: dict, vectors: dict, spec: dict, descriptions: dict) -> LoraBank:
+    """One bank of every bank task's kept checkpoints, conditioned on `vectors` (one kind)."""
+    bank = None
+    for name, entry in loras.items():
+        source = entry["bank"]
+        if bank is None:
+            bank = LoraBank(source.layout, condition_encoder=spec)
+        for checkpoint in source.checkpoints:
+            bank.add_checkpoint(name, checkpoint.state_dict, step=checkpoint.step)
+        bank.set_condition(name, vectors[name], description=descriptions[name])
+    return bank
+
+
+def train_generators(banks: dict[str, LoraBank], settings: Settings, cache: Path) -> dict:
+    """`{(kind, variant): {"generator", "train_seconds", "first_loss", "final_loss"}}`, trained unless cached."""
+    generators = {}
+    for kind, bank in banks.items():
+        for variant, overrides in GENERATOR_VARIANTS.items():
+            key = settings.key(GENERATOR_FIELDS, settings.key(LORA_FIELDS), kind, variant, bank.task_names)
+            entry = cache / "generators" / key
+            if not (entry / "summary.json").is_file():
+                torch.manual_seed(settings.lora_seed)
+                generator = PeftCVAEGenerator.from_bank(bank, **settings.generator_overrides, **overrides)
+                start = time.perf_counter()
+                history = train_generator(
+                    generator,
+                    bank,
+                    epochs=settings.generator_epochs,
+                    lr=settings.generator_lr,
+                    batch_size=settings.generator_batch_size,
+                    seed=settings.lora_seed,
+                )
+                seconds = time.perf_counter() - start
+                generator.save_pretrained(entry / "generator")
+                summary = {
+                    "train_seconds": seconds,
+                    "first_loss": history[0]["loss"],
+                    "final_loss": history[-1]["loss"],
+                    "parameters": sum(p.numel() for p in generator.parameters()),
+                }
+                save_json(summary, entry / "summary.json")
+            generator = PeftCVAEGenerator.from_pretrained(entry / "generator").eval()
+            generators[kind, variant] = {**read_json(entry / "summary.json"), "generator": generator, "key": key}
+    return generators
+
+
+def generated_vector(generator: PeftCVAEGenerator, condition: torch.Tensor) -> torch.Tensor:
+    """The LoRA the generator writes for a condition at z = 0 (its mean), as a flat vector. Shape (N,)."""
+    adapter = generator.generate_adapter(condition.float(), temperature=0.0)
+    return generator.config.lora_layout.flatten({k: v.float() for k, v in adapter.state_dict.items()})
+
+
+# ---- retrieval controls --------------------------------------------------------------------------------------------
+def similarity_mix(query: torch.Tensor, keys: torch.Tensor, vectors: torch.Tensor, top_k: int, temperature: float):
+    """(nearest index, top-k softmax mix of `vectors`, weights) for cosine similarities of `query` (D,) to `keys`
+    (T, D); `vectors` (T, N)."""
+    similarity = torch.nn.functional.cosine_similarity(query[None].float(), keys.float(), dim=-1)  # (T,)
+    k = min(top_k, len(similarity))
+    top = similarity.topk(k)
+    weights = torch.softmax(top.values / temperature, dim=0)  # (k,)
+    mix = (weights[:, None] * vectors[top.indices]).sum(dim=0)
+    return int(similarity.argmax()), mix, {int(i): float(w) for i, w in zip(top.indices, weights)}
+
+
+# ---- scoring -------------------------------------------------------------------------------------------------------
+class Scorer:
+    """Scores LoRA vectors on a task's test examples with one `PeftModel` whose adapter weights are swapped in."""
+
+    def __init__(self, base, tokenizer, layout, settings: Settings, cache: Path):
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.settings = settings
+        self.folder = cache / "scores" / settings.key(SCORE_FIELDS)
+        torch.manual_seed(0)
+        self.model = get_peft_model(copy.deepcopy(base), layout.peft_config()).eval()  # the base stays LoRA-free
+        self.autocast = torch.bfloat16 if settings.bf16 else None
+        self.scored = 0
+        self.seconds = 0.0
+
+    def score(self, task: BenchTask, control: str, key: str, vector: torch.Tensor | None) -> dict:
+        """Answer NLL / accuracy of `vector` (None: the base model) on `task`'s test examples; cached by `key`."""
+        path = self.folder / task.name / f"{_slug(control)}-{key}.json"
+        if path.is_file():
+            return read_json(path)
+        examples = task.splits["test"][: self.settings.scored_test_examples]
+        start = time.perf_counter()
+        arguments = {
+            "input_prefix": task.input_prefix,
+            "output_prefix": task.output_prefix,
+            "batch_size": self.settings.eval_batch_size,
+            "autocast_dtype": self.autocast,
+            "desc": f"{task.name}: {control}",
+        }
+        if vector is None:
+            with self.model.disable_adapter():
+                result = evaluate_answers(self.model, self.tokenizer, examples, **arguments)
+        else:
+            state_dict = self.layout.unflatten(vector.float())
+            load = set_peft_model_state_dict(self.model, state_dict)
+            if load.unexpected_keys:
+                raise RuntimeError(f"Scoring {control}: unexpected LoRA keys {load.unexpected_keys[:3]}")
+            result = evaluate_answers(self.model, self.tokenizer, examples, **arguments)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.scored += 1
+        summary = {key: result[key] for key in ("answer_nll", "accuracy", "num_tokens", "num_examples")}
+        summary["seconds"] = round(seconds, 3)
+        summary["example_nll"] = [round(v, 4) for v in result["example_nll"]]
+        summary["example_tokens"] = result["example_tokens"]
+        if not math.isfinite(summary["answer_nll"]):
+            raise RuntimeError(f"Scoring {control} on {task.name} gave a non-finite answer NLL.")
+        save_json(summary, path)
+        return summary
+
+
+def _slug(text: str) -> str:
+    return "".join(character if character.isalnum() else "_" for character in text.lower()).strip("_")

@@ -1,0 +1,386 @@
+"""Statistics, plots and the markdown report of the BIG-bench zero-shot benchmark (all from the results JSON).
+
+- Averages over held-out tasks with bootstrap 95% intervals. Tasks of one family are correlated (two `arithmetic`
+  variants), so the bootstrap resamples FAMILIES (a cluster bootstrap), and with them all their tasks.
+- The share of the oracle's gain recovered: `(base - x) / (base - oracle)` in answer NLL, as the ratio of the
+  averages (stable when one task's oracle gains little) and as the median over tasks.
+- The difference of each generator to the best control (the control among multi-task, mean, nearest description and
+  top-k mix with the lowest average NLL), with its interval: an interval below 0 means the generator wins.
+- Win counts: on how many held-out tasks a generated LoRA has a lower answer NLL than each control.
+"""
+
+import math
+import random
+from pathlib import Path
+
+__all__ = ["console_table", "markdown", "plots", "summarize"]
+
+BASELINES = ("multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix")
+FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES)
+VARIANT_ORDER = ("plain", "task memory")
+
+
+def ordered(names) -> list[str]:
+    """Controls in a fixed order (the JSON stores keys sorted): base, oracle, the simple controls, then the generated
+    ones by variant, condition kind, own / shuffled / random string."""
+
+    def rank(name: str):
+        if name in FIRST:
+            return (0, FIRST.index(name), "")
+        variant = next((i for i, v in enumerate(VARIANT_ORDER) if f"({v})" in name), 9)
+        source = 1 if name.endswith(", shuffled") else 2 if name.endswith(", random string") else 0
+        return (1, variant, ("examples" in name, source, name))
+
+    return sorted(names, key=rank)
+
+
+def _families(results) -> dict[str, str]:
+    return {name: info["family"] for name, info in results["tasks"].items()}
+
+
+def _bootstrap(values_by_task: dict[str, float], families: dict[str, str], samples: int, seed: int = 0):
+    """(mean, low, high): the mean over tasks and a 95% interval from resampling families with replacement."""
+    values = {name: value for name, value in values_by_task.items() if value is not None and math.isfinite(value)}
+    if not values:
+        return None, None, None
+    groups: dict[str, list[float]] = {}
+    for name, value in sorted(values.items()):
+        groups.setdefault(families[name], []).append(value)
+    clusters = list(groups.values())
+    mean = sum(values.values()) / len(values)
+    rng = random.Random(seed)
+    means = []
+    for _ in range(samples):
+        drawn = [value for _ in clusters for value in rng.choice(clusters)]
+        means.append(sum(drawn) / len(drawn))
+    means.sort()
+    return mean, means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))]
+
+
+def summarize(results: dict) -> dict:
+    """Per-control averages, intervals, recovered shares, differences to the best control and win counts."""
+    heldout = results["heldout"]
+    families = _families(results)
+    samples = results["settings"]["bootstrap_samples"]
+    controls = ordered(next(iter(heldout.values())))
+    summary = {"controls": {}, "differences": {}, "wins": {}}
+    for control in controls:
+        nll = {task: scores[control]["answer_nll"] for task, scores in heldout.items()}
+        accuracy = {task: scores[control]["accuracy"] for task, scores in heldout.items()}
+        base = {task: scores["base"]["answer_nll"] for task, scores in heldout.items()}
+        oracle = {task: scores["oracle"]["answer_nll"] for task, scores in heldout.items()}
+        shares = sorted((base[t] - nll[t]) / (base[t] - oracle[t]) for t in heldout if base[t] - oracle[t] > 1e-6)
+        mean_base, mean_oracle, mean_x = (sum(v.values()) / len(v) for v in (base, oracle, nll))
+        row = {
+            "answer_nll": _bootstrap(nll, families, samples),
+            "accuracy": _bootstrap(accuracy, families, samples),
+            "recovered_of_average": (mean_base - mean_x) / (mean_base - mean_oracle)
+            if mean_base != mean_oracle
+            else None,
+            "recovered_median": shares[len(shares) // 2] if shares else None,
+            "multiple_choice_tasks": sum(a is not None for a in accuracy.values()),
+        }
+        summary["controls"][control] = row
+    baseline_means = {c: summary["controls"][c]["answer_nll"][0] for c in BASELINES if c in summary["controls"]}
+    best = min(baseline_means, key=baseline_means.get)
+    summary["best_control"] = best
+    for control in controls:
+        if not control.startswith("generated"):
+            continue
+        difference = {t: s[control]["answer_nll"] - s[best]["answer_nll"] for t, s in heldout.items()}
+        summary["differences"][control] = _bootstrap(difference, families, samples)
+        against = [c for c in controls if not c.startswith("generated")]
+        against += [c for c in (f"{control}, shuffled", f"{control}, random string") if c in controls]
+        summary["wins"][control] = {
+            other: sum(s[control]["answer_nll"] < s[other]["answer_nll"] for s in heldout.values())
+            for other in against
+        }
+    summary["heldout_tasks"] = len(heldout)
+    return summary
+
+
+def _interval(triple, digits: int = 3) -> str:
+    mean, low, high = triple
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def console_table(results: dict) -> str:
+    summary = results["summary"]
+    lines = [f"{'control':58s} {'answer NLL [95% CI]':28s} {'accuracy':24s} recovered"]
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
+        lines.append(
+            f"{control:58s} {_interval(row['answer_nll']):28s} {_interval(row['accuracy']):24s} "
+            f"{_share(row['recovered_of_average'])}"
+        )
+    return "\n".join(lines)
+
+
+def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
+    """Per-task recovered share, generated vs retrieval scatter, t-SNE of description vectors by family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    heldout = results["heldout"]
+    tasks = sorted(heldout)
+    paths = []
+    shown = ["nearest description", "top-k mix", "multi-task LoRA", "mean of bank LoRAs"]
+    shown += [c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c]
+
+    def recovered(task, control):
+        base, oracle = heldout[task]["base"]["answer_nll"], heldout[task]["oracle"]["answer_nll"]
+        gain = base - oracle
+        return (base - heldout[task][control]["answer_nll"]) / gain if gain > 1e-6 else float("nan")
+
+    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(tasks) + 3), 4.5))
+    width = 0.8 / len(shown)
+    for index, control in enumerate(shown):
+        values = [max(-1.0, min(1.5, recovered(task, control))) for task in tasks]
+        axis.bar(np.arange(len(tasks)) + index * width, values, width, label=control)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.axhline(1, color="gray", linewidth=0.8, linestyle="--")
+    axis.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel("share of oracle's NLL gain recovered")
+    axis.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    paths.append(output_dir / f"{prefix}_recovered.png")
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for control, marker in (
+        ("generated (task memory) from description", "o"),
+        ("generated (plain) from description", "x"),
+    ):
+        if control in heldout[tasks[0]]:
+            x = [heldout[t]["nearest description"]["answer_nll"] for t in tasks]
+            y = [heldout[t][control]["answer_nll"] for t in tasks]
+            axis.scatter(x, y, marker=marker, label=control)
+    limit = max(max(s["nearest description"]["answer_nll"], s["base"]["answer_nll"]) for s in heldout.values())
+    axis.plot([0, limit], [0, limit], color="gray", linewidth=0.8)
+    axis.set_xlabel("nearest-description LoRA: answer NLL")
+    axis.set_ylabel("generated LoRA: answer NLL")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    paths.append(output_dir / f"{prefix}_generated_vs_retrieval.png")
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    vectors = results["task_vectors"]["description"]
+    names = list(vectors)
+    if len(names) >= 4:
+        from sklearn.manifold import TSNE
+
+        points = TSNE(
+            n_components=2, perplexity=min(30.0, (len(names) - 1) / 3), random_state=0, init="random"
+        ).fit_transform(np.array([vectors[name] for name in names]))
+        families = results["task_vectors"]["families"]
+        family_names = sorted(set(families.values()))
+        colours = plt.get_cmap("tab20")
+        figure, axis = plt.subplots(figsize=(7, 6))
+        for index, name in enumerate(names):
+            role = results["tasks"][name]["role"]
+            colour = colours(family_names.index(families[name]) % 20)
+            axis.scatter(
+                *points[index],
+                color=colour,
+                marker="*" if role == "heldout" else "o",
+                s=60 if role == "heldout" else 20,
+            )
+        axis.set_title("t-SNE of description vectors (MiniLM), colour = family, star = held out", fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        figure.tight_layout()
+        paths.append(output_dir / f"{prefix}_task_vectors.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    return paths
+
+
+def markdown(results: dict, images: list[str], prefix: str) -> str:
+    summary = results["summary"]
+    settings = results["settings"]
+    data = results["data"]
+    split = results["split"]
+    timings = results["timings"]
+    preset = prefix.removeprefix("bigbench_zero_shot_")
+    lines = [
+        f"# Benchmark: zero-shot LoRAs for unseen BIG-bench tasks (`{preset}` preset)",
+        "",
+        "Generated by `python benchmarks/bigbench_zero_shot.py --preset "
+        f"{preset.split('_split')[0]}`; numbers from `benchmarks/results/{prefix}.json`. Protocol: issue 12, "
+        "[how it works](#how-it-works) below.",
+        "",
+        "## Data and split",
+        "",
+        f"- Source: {data['sdist'].get('requirement')} (sdist sha256 `{data['sdist'].get('sha256', '-')}`).",
+        f"- Rules (`benchmarks/bigbench/selection.py`): {data['task_files']} task files -> {data['candidate_tasks']} "
+        f"candidate tasks in {data['candidate_families']} families (JSON, English, enough raw examples; skipped: "
+        + ", ".join(
+            f"{count} {reason}" for reason, count in data["skipped"].items() if reason != "too few usable examples"
+        )
+        + f"). The split walk checked the token rule on {data['checked_tasks']} of them, {data['usable_of_checked']} "
+        f"passed; used: {data['multiple_choice_used']} multiple choice, {data['generative_used']} generative.",
+        f"- Split seed {settings['split_seed']}: bank = {split['train_tasks']} tasks from "
+        f"{len(split['train_families'])} families; held out = {split['heldout_tasks']} tasks from "
+        f"{len(split['heldout_families'])} families ({', '.join(split['heldout_families'])}).",
+        f"- LoRA per task: r={settings['lora_r']} on q_proj, v_proj, {settings['steps']} steps of batch "
+        f"{settings['batch_size']}, lr {settings['lr']} cosine, checkpoints every {settings['save_steps']} steps of "
+        f"the last {settings['last_fraction']:.2f} of training ({results['loras']['checkpoints_per_task']} per task); "
+        f"multi-task LoRA: {results['loras']['multitask']['steps']} steps "
+        f"({settings['multitask_step_fraction']:g} x bank tasks x steps).",
+        f"- Scored on up to {settings['scored_test_examples']} test examples per task; prompt + answer <= "
+        f"{settings['rules']['max_tokens']} tokens.",
+        "",
+        f"## Held-out tasks ({summary['heldout_tasks']} tasks, averages with 95% family-bootstrap intervals)",
+        "",
+        "| control | answer NLL (lower is better) | MC accuracy | recovered (of average) | recovered (median task) |",
+        "|---|---|---|---|---|",
+    ]
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
+        lines.append(
+            f"| {control} | {_interval(row['answer_nll'])} | {_interval(row['accuracy'])} | "
+            f"{_share(row['recovered_of_average'])} | {_share(row['recovered_median'])} |"
+        )
+    best = summary["best_control"]
+    lines += [
+        "",
+        f"Best simple control (lowest average NLL among {', '.join(BASELINES)}): **{best}**.",
+        "",
+        f"### Generated minus {best} (answer NLL; an interval below 0 = the generator wins)",
+        "",
+        "| generated | difference [95% CI] | tasks won against: " + " / ".join(BASELINES) + " / base / oracle |",
+        "|---|---|---|",
+    ]
+    for control in ordered(summary["differences"]):
+        difference = summary["differences"][control]
+        if ", " in control:
+            continue
+        wins = summary["wins"][control]
+        counts = " / ".join(str(wins.get(c, "-")) for c in (*BASELINES, "base", "oracle"))
+        lines.append(f"| {control} | {_interval(difference)} | {counts} (of {summary['heldout_tasks']}) |")
+    lines += [
+        "",
+        "### Does the condition steer? Own condition vs another held-out task's (shuffled) vs a random string",
+        "",
+        "| generated | own: avg NLL | shuffled: avg NLL | random string: avg NLL | own beats shuffled "
+        "| own beats random |",
+        "|---|---|---|---|---|---|",
+    ]
+    for control in ordered(summary["controls"]):
+        row = summary["controls"][control]
+        if not control.startswith("generated") or ", " in control:
+            continue
+        shuffled, random_string = f"{control}, shuffled", f"{control}, random string"
+        if shuffled not in summary["controls"]:
+            continue
+        wins = summary["wins"][control]
+        lines.append(
+            f"| {control} | {row['answer_nll'][0]:.3f} | {summary['controls'][shuffled]['answer_nll'][0]:.3f} | "
+            f"{summary['controls'][random_string]['answer_nll'][0]:.3f} | {wins.get(shuffled, '-')} / "
+            f"{summary['heldout_tasks']} | {wins.get(random_string, '-')} / {summary['heldout_tasks']} |"
+        )
+    lines += ["", "### Per held-out task: answer NLL (accuracy)", ""]
+    heldout = results["heldout"]
+    columns = ["base", "oracle", *BASELINES] + [
+        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c
+    ]
+    lines += ["| task | family | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for task, scores in sorted(heldout.items()):
+        cells = []
+        for column in columns:
+            score = scores[column]
+            accuracy = "" if score["accuracy"] is None else f" ({score['accuracy']:.2f})"
+            cells.append(f"{score['answer_nll']:.2f}{accuracy}")
+        lines.append(f"| {task} | {results['tasks'][task]['family']} | " + " | ".join(cells) + " |")
+    lines += ["", "Retrieval picks (nearest bank task by description):", ""]
+    for task, picked in sorted(results["retrieval"].items()):
+        lines.append(f"- {task} -> {picked['nearest']}")
+    seen = results["seen"]
+    if seen:
+        seen_columns = ordered(next(iter(seen.values())))
+        lines += [
+            "",
+            "## Seen tasks (bank tasks' own test examples: memorisation stays visible)",
+            "",
+            "| task | " + " | ".join(seen_columns) + " |",
+            "|---|" + "---|" * len(seen_columns),
+        ]
+        for task, scores in sorted(seen.items()):
+            lines.append(f"| {task} | " + " | ".join(f"{scores[c]['answer_nll']:.2f}" for c in seen_columns) + " |")
+    lines += [
+        "",
+        "## Generators (today's `PeftCVAEGenerator`)",
+        "",
+        "| generator | parameters | train s | first loss | final loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in sorted(results["generators"].items()):
+        lines.append(
+            f"| {name} | {entry['parameters']:,} | {entry['train_seconds']:.0f} | {entry['first_loss']:.4f} | "
+            f"{entry['final_loss']:.4f} |"
+        )
+    lora_seconds = sorted(results["loras"]["per_task_train_seconds"].values())
+    score_seconds = [
+        s.get("seconds", 0.0) for part in ("heldout", "seen") for t in results[part].values() for s in t.values()
+    ]
+    generator_seconds = sum(entry["train_seconds"] for entry in results["generators"].values())
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "Compute time of each step as recorded when it ran (cached steps keep their original time):",
+        "",
+        f"- LoRAs: {len(lora_seconds)} task LoRAs, {sum(lora_seconds) / 60:.1f} min in all (median "
+        f"{lora_seconds[len(lora_seconds) // 2]:.0f} s per task); multi-task LoRA "
+        f"{results['loras']['multitask']['train_seconds'] / 60:.1f} min.",
+        f"- Generators: {len(results['generators'])} trained in {generator_seconds / 60:.1f} min.",
+        f"- Scoring: {len(score_seconds)} (task, control) scores in {sum(score_seconds) / 60:.1f} min.",
+        f"- This invocation: {timings['total'] / 60:.1f} min wall ({timings['scores_computed']} scores computed; "
+        f"data and selection {timings['data_and_selection']:.0f} s).",
+        f"- Environment: Python {results['environment']['python']}, torch {results['environment']['torch']}, "
+        f"{results['environment']['cpu_threads']} threads.",
+    ]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{Path(link).stem}]({link})" for link in images]
+    lines += ["", HOW_IT_WORKS]
+    return "\n".join(lines) + "\n"
+
+
+HOW_IT_WORKS = """## How it works
+
+- **Data**: the PyPI sdist `bigbench==1.0.0` is downloaded with `pip download --no-deps` (never installed), its sha256
+  checked, and only its `task.json` files are extracted. Tasks are selected by the rules in
+  `benchmarks/bigbench/selection.py`: JSON tasks in English (keywords, name and script), >= 100 usable examples whose
+  prompt + answer fit the token limit. Prompts are BIG-bench's zero-shot format: `task_prefix +
+  example_input_prefix + input (+ choices) + example_output_prefix`; the answer is the target (for multiple choice,
+  the best-scoring choice).
+- **Split by family** (the top-level folder under `benchmark_tasks`), drawn from `--split-seed`: a held-out family
+  gives no example and no checkpoint to the bank, the multi-task LoRA, the generators or any tuning. Each family
+  contributes at most a few tasks, so families with dozens of variants do not dominate.
+- **LoRAs** through `peft_cvae.collect.train_task_lora` (the path `peft-cvae collect` runs): the same LoRA
+  initialisation for every task, answer-only loss, cosine decay; the checkpoints of the last part of training go
+  into the bank. The oracle is the held-out task's own final LoRA; bank-side controls use each bank task's
+  checkpoint mean (what the bank stores about a task).
+- **Controls**: base model; oracle (ceiling); multi-task LoRA (one LoRA on all bank tasks' examples); the mean of the
+  bank LoRAs; nearest-description retrieval (cosine of MiniLM description vectors); the top-k mix (softmax of
+  cosine / temperature over the k nearest, fixed k and temperature); the generators from the task's description,
+  from 8 of its training examples (Eq. 1: SmolLM2's last hidden state at the last token, averaged), from another
+  held-out task's description or examples (shuffled) and from a random string.
+- **Metrics**: answer NLL per token (nats; scored exactly as trained: prompt and answer tokenized separately) and
+  multiple-choice accuracy (the choice with the highest summed log-likelihood), by
+  `peft_cvae.answer_evaluation.evaluate_answers`. Intervals: 95% bootstrap over families.
+- **Cache**: every LoRA, condition, generator and score is cached under `--cache-dir` and reused on a rerun;
+  `--report-only` rewrites this page from the JSON.
+"""

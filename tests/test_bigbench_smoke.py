@@ -1,0 +1,156 @@
+"""The BIG-bench zero-shot benchmark on its `tiny` preset (tiny models, synthetic task.json files), and its rules.
+
+The tiny run goes through every step of the real one: selection rules on task.json files, the family split, LoRAs
+through `peft_cvae.collect.train_task_lora`, description and in-context conditions, both generators, every control,
+scoring, statistics, plots and the report; a rerun must come entirely from the cache.
+"""
+
+import json
+import math
+import random
+from dataclasses import replace
+
+import pytest
+
+from benchmarks import bigbench_zero_shot as benchmark
+from benchmarks.bigbench import report
+from benchmarks.bigbench.selection import (
+    SelectionRules,
+    candidate_tasks,
+    check_task,
+    convert_example,
+    family_of,
+    is_english,
+    select_and_split,
+    task_format,
+)
+from benchmarks.bigbench.tiny import tiny_tokenizer, write_tiny_tasks
+
+
+def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_path):
+    arguments = ["--preset", "tiny", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    results = benchmark.main(arguments)
+
+    saved = json.loads((tmp_path / "out" / "bigbench_zero_shot_tiny.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    split = saved["split"]
+    assert split["heldout_families"] and not set(split["heldout_families"]) & set(split["train_families"])
+    families = {name: info["family"] for name, info in saved["tasks"].items()}
+    heldout = set(saved["heldout"])
+    assert heldout and all(families[name] in split["heldout_families"] for name in heldout)
+    assert "foreign.words" not in saved["tasks"] and "short.few" not in saved["tasks"]  # the rules refused them
+
+    expected = {"base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix"}
+    for variant in ("plain", "task memory"):
+        for kind in ("description", "examples"):
+            label = f"generated ({variant}) from {kind}"
+            expected |= {label, f"{label}, shuffled", f"{label}, random string"}
+    for task, scores in saved["heldout"].items():
+        assert set(scores) == expected
+        assert all(math.isfinite(score["answer_nll"]) and score["answer_nll"] > 0 for score in scores.values())
+        assert scores["oracle"]["answer_nll"] < scores["base"]["answer_nll"]  # the task's own LoRA learned
+        assert saved["retrieval"][task]["nearest"] not in heldout  # retrieval only ever returns bank tasks
+    summary = saved["summary"]
+    assert summary["best_control"] in report.BASELINES
+    assert summary["controls"]["oracle"]["recovered_of_average"] == pytest.approx(1.0)
+    assert summary["controls"]["base"]["recovered_of_average"] == pytest.approx(0.0, abs=1e-9)
+    mean, low, high = summary["controls"]["base"]["answer_nll"]
+    assert low <= mean <= high
+    assert set(summary["wins"]["generated (task memory) from description"]) >= {"oracle", "nearest description"}
+    assert saved["seen"] and all("own LoRA (final)" in scores for scores in saved["seen"].values())
+    assert all(math.isfinite(entry["final_loss"]) for entry in saved["generators"].values())
+    assert (
+        saved["generators"]["plain / description"]["final_loss"]
+        < saved["generators"]["plain / description"]["first_loss"]
+    )
+
+    page = (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text()
+    assert (
+        page.startswith("# Benchmark: zero-shot LoRAs") and "## Held-out tasks" in page and "## How it works" in page
+    )
+    for plot in ("recovered", "generated_vs_retrieval", "task_vectors"):
+        assert (tmp_path / "out" / f"bigbench_zero_shot_tiny_{plot}.png").stat().st_size > 0
+
+    # A rerun trains and scores nothing: every LoRA, generator and score comes from the cache.
+    again = benchmark.main(arguments)
+    assert again["timings"]["scores_computed"] == 0
+    assert again["heldout"] == results["heldout"]
+    assert again["summary"] == results["summary"]
+    # --report-only rewrites the page from the JSON alone.
+    page = (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text()
+    (tmp_path / "out" / "bigbench_zero_shot_tiny.md").unlink()
+    benchmark.main([*arguments, "--report-only"])
+    assert (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text() == page
+
+
+def test_selection_rules_and_family_split(tmp_path):
+    from benchmarks.bigbench.data import load_task_files
+
+    files = load_task_files(write_tiny_tasks(tmp_path))
+    rules = SelectionRules(min_examples=30, max_tokens=48, train_examples=40, val_examples=4, test_examples=12)
+    tokenizer = tiny_tokenizer()
+    candidates, skipped = candidate_tasks(files, rules)
+    assert "foreign/words" in skipped["not English"] and "short/few" in skipped["fewer raw examples than needed"]
+    tasks = {path: check_task(path, files[path], tokenizer, rules) for path in candidates}
+    for task in tasks.values():
+        splits = task.splits
+        assert len(splits["test"]) == 12 and len(splits["val"]) == 4 and len(splits["train"]) == 40
+    assert tasks["first_word/prefixed"].input_prefix == "\nList: "
+    assert tasks["parity/even"].multiple_choice and not tasks["addition/small"].multiple_choice
+    assert check_task("x/y", files["first_word/plain"], tokenizer, replace(rules, max_tokens=3)) is None
+
+    options = {"heldout_families": 2, "train_tasks_per_family": 2, "heldout_tasks_per_family": 1}
+    for seed in range(5):  # any seed: held-out families never reach the bank
+        result = select_and_split(files, tokenizer, rules, split_seed=seed, **options)
+        split = result["split"]
+        bank_families = {family_of(path) for path in split["train"]}
+        assert bank_families.isdisjoint(split["heldout_families"]) and len(split["heldout_families"]) == 2
+        assert all(family_of(path) in split["heldout_families"] for path in split["heldout"])
+        assert len(split["heldout"]) == 2  # one task per held-out family
+        assert len(split["train"]) == sum(family_of(path) not in split["heldout_families"] for path in candidates)
+        assert set(result["tasks"]) == set(split["train"]) | set(split["heldout"])
+    again = select_and_split(files, tokenizer, rules, split_seed=4, **options)
+    assert again["split"] == split  # the same seed, the same split
+    capped = select_and_split(files, tokenizer, rules, split_seed=0, max_train_tasks=2, **options)
+    assert len(capped["split"]["train"]) == 2 and capped["counts"]["checked_tasks"] < len(candidates)
+    with pytest.raises(ValueError, match="held out"):
+        select_and_split(files, tokenizer, rules, split_seed=0, **{**options, "heldout_families": 99})
+
+
+def test_bigbench_example_format():
+    task = {"example_input_prefix": "\nQ: ", "append_choices_to_input": "false", "task_prefix": "Answer. "}
+    input_prefix, output_prefix, choice_prefix, append = task_format(task)
+    assert (input_prefix, output_prefix, choice_prefix, append) == ("Answer. \nQ: ", "\nA: ", "\n  choice: ", False)
+    example = convert_example({"input": "2+2?", "target_scores": {"5": 0, "4": 1}}, "\n  choice: ", True)
+    assert example.target == "4" and example.choices == ["4", "5"]
+    assert example.input == "2+2?\n  choice: 4\n  choice: 5"
+    assert convert_example({"input": "x", "target": ["", "y"]}, "", True).target == "y"
+    assert convert_example({"input": "x", "target": ""}, "", True) is None
+    assert convert_example({"input": "", "target": "y"}, "", True) is None
+    assert not is_english("entailed_polarity_hindi", {"keywords": [], "examples": [{"input": "x"}]})
+    assert not is_english("x", {"keywords": ["non-English"], "examples": []})
+    assert not is_english("x", {"keywords": [], "examples": [{"input": "Привет мир, как дела"}]})
+    assert is_english(
+        "anachronisms",
+        {"keywords": ["common sense"], "examples": [{"input": "A café opened in Paris in the year 1200"}]},
+    )
+
+
+def test_family_bootstrap_interval_covers_the_mean():
+    rng = random.Random(0)
+    values = {f"t{i}": rng.gauss(2.0, 0.5) for i in range(30)}
+    families = {name: f"f{i // 2}" for i, name in enumerate(values)}
+    mean, low, high = report._bootstrap(values, families, samples=500)
+    assert low < mean < high and high - low < 1.0
+    assert report._bootstrap({}, {}, samples=10) == (None, None, None)
+
+
+def test_answer_tokens_are_scored_as_collect_trains_them():
+    """The scorer and the collection path tokenize prompt and answer the same way (separately, no specials)."""
+    from peft_cvae.collect import TaskData, TaskExample, task_dataset
+
+    tokenizer = tiny_tokenizer()
+    data = TaskData(name="t", examples=[TaskExample(input="red blue", target="red")])
+    item = task_dataset(data, tokenizer, max_length=64)[0]
+    answer = [label for label in item["labels"].tolist() if label != -100]
+    assert answer[:-1] == tokenizer("red", add_special_tokens=False)["input_ids"]  # + EOS, not scored
