@@ -19,12 +19,12 @@ test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest tests -q
 
 quality: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check peft_cvae tests benchmarks examples
-	$(VENV)/bin/ruff format --check peft_cvae tests benchmarks examples
+	$(VENV)/bin/ruff check peft_cvae tests benchmarks examples spaces
+	$(VENV)/bin/ruff format --check peft_cvae tests benchmarks examples spaces
 
 style: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check --fix peft_cvae tests benchmarks examples
-	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples
+	$(VENV)/bin/ruff check --fix peft_cvae tests benchmarks examples spaces
+	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples spaces
 
 docs: $(VENV)/.installed-dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

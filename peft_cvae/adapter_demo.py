@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ConditionError, PeftCVAEError, UnknownTaskError
+from .errors import ConditionError, DemoError, UnknownTaskError
 
 __all__ = ["MODE_DESCRIPTION", "MODE_EXAMPLES", "MODE_TASK", "AdapterDemo", "DemoError"]
 
@@ -23,10 +23,6 @@ MODE_TASK = "Training task"
 MODE_DESCRIPTION = "Description"
 MODE_EXAMPLES = "Examples (one per line)"
 _ADAPTER_NAME = "peft_cvae_demo"  # the name the generated adapter gets inside the base model during a comparison
-
-
-class DemoError(PeftCVAEError, ValueError):
-    """A demo request that cannot be served as asked: no base model to compare with, an empty prompt or repo id."""
 
 
 def _slug(text: str, limit: int = 40) -> str:

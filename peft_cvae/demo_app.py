@@ -11,8 +11,9 @@ browser); `build_demo` only lays out the page and turns errors into messages in 
 
 import os
 
-from .adapter_demo import MODE_DESCRIPTION, MODE_EXAMPLES, MODE_TASK, AdapterDemo, DemoError
-from .errors import PeftCVAEError
+from .adapter_demo import MODE_DESCRIPTION, MODE_EXAMPLES, MODE_TASK, AdapterDemo
+from .errors import DemoError, PeftCVAEError
+from .import_utils import require_gradio
 
 __all__ = [
     "MODE_DESCRIPTION",
@@ -46,10 +47,7 @@ def build_demo(generator, base_model=None, tokenizer=None, *, allow_environment_
     table, zip), `/compare` (prompt, max_new_tokens -> base text, adapted text), `/push` (repo id, token, private ->
     status). They act on the adapter last generated in the same session.
     """
-    try:
-        import gradio as gr
-    except ImportError as error:
-        raise ImportError('The demo needs gradio: pip install "peft-cvae[demo]"') from error
+    gr = require_gradio()
 
     demo_backend = (
         generator

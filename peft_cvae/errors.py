@@ -74,3 +74,7 @@ class InvalidArgumentError(PeftCVAEError, ValueError, TypeError):
 
 class MissingExtraError(PeftCVAEError, ImportError):
     """An optional dependency of peft-cvae (one of its extras) is not installed; the message names the extra."""
+
+
+class DemoError(PeftCVAEError, ValueError):
+    """A demo request that cannot be served as asked: no base model to compare with, an empty prompt or repo id."""

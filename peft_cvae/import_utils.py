@@ -56,3 +56,8 @@ def require_plots():
     matplotlib = _require("matplotlib", "Plotting", "plots")
     matplotlib.use("Agg", force=True)
     return matplotlib
+
+
+def require_gradio():
+    """The `gradio` module, or `MissingExtraError` naming the `demo` extra."""
+    return _require("gradio", "The interactive demo", "demo")

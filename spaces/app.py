@@ -13,7 +13,8 @@ Copy this folder (app.py, requirements.txt, README.md) into a Gradio Space and s
 
 import os
 
-from peft_cvae.demo_app import DemoError, build_demo, load_demo
+from peft_cvae.demo_app import build_demo, load_demo
+from peft_cvae.errors import DemoError
 
 
 def create_demo(environ=os.environ):

@@ -22,10 +22,11 @@ from peft_cvae import (
     UnknownTaskError,
     train_generator,
 )
-from peft_cvae.demo_app import MODE_DESCRIPTION, MODE_EXAMPLES, MODE_TASK, AdapterDemo, DemoError
-from peft_cvae.testing_utils import tiny_llama
+from peft_cvae.demo_app import MODE_DESCRIPTION, MODE_EXAMPLES, MODE_TASK, AdapterDemo
+from peft_cvae.errors import DemoError
+from peft_cvae.testing_utils import save_tiny_text_encoder, tiny_llama
 from tests.hub_fixtures import DUMMY_TOKEN
-from tests.testing_utils import TASKS, save_tiny_text_encoder, small_generator_overrides
+from tests.testing_utils import TASKS, small_generator_overrides
 
 SPACE_APP = Path(__file__).resolve().parents[1] / "spaces" / "app.py"
 DESCRIPTIONS = {task: f"token sequences that follow the {task} pattern" for task in TASKS}
@@ -320,3 +321,21 @@ def test_space_app_builds_from_a_folder_and_from_the_hub(
     monkeypatch.delenv("PEFT_CVAE_GENERATOR")
     with pytest.raises(DemoError, match="PEFT_CVAE_GENERATOR"):
         runpy.run_path(str(SPACE_APP))
+
+
+def test_demo_command_help_and_missing_generator(tmp_path, capsys):
+    """`peft-cvae demo` is wired into the CLI: its help names its options, and a generator that is not there is one
+    line on stderr with exit status 2 (before gradio or any model is loaded)."""
+    from peft_cvae.commands import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(option in help_text for option in ("--base-model", "--no-compare", "--host", "--port", "--share"))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", str(tmp_path / "no-such-generator")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("peft-cvae demo: error:") and len(error.splitlines()) == 1

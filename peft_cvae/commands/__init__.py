@@ -6,6 +6,7 @@
     peft-cvae evaluate --base-model BASE --adapter NAME=adapter --texts a.txt b.txt   # perplexity, bits per char
     peft-cvae info     bank | generator | adapter                            # what a folder contains
     peft-cvae plot     bank | generator --output plots                       # PNG figures
+    peft-cvae demo     generator                                             # an interactive Gradio page
 
 One module per command. Each is a thin layer over the library (`peft_cvae.collect`, `train_generator`,
 `generate_adapter`, `evaluate_adapters`, `peft_cvae.plotting`), and its options are the fields of the library's
@@ -21,13 +22,13 @@ import sys
 from transformers import HfArgumentParser
 
 from ..errors import PeftCVAEError
-from . import collect, evaluate, generate, info, plot, train
+from . import collect, demo, evaluate, generate, info, plot, train
 from .utils import PROG, CLIError, apply_config_file
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 USER_ERROR_EXIT_CODE = 2
-COMMANDS = (collect, train, generate, evaluate, info, plot)  # in the order of the help
+COMMANDS = (collect, train, generate, evaluate, info, plot, demo)  # in the order of the help
 
 
 def build_parser() -> HfArgumentParser:
