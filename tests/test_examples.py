@@ -95,7 +95,7 @@ def test_diffusers_lora_generation(examples_on_path, tmp_path, fresh_accelerate_
         assert result["files"] == [
             "adapter_config.json",
             "adapter_model.safetensors",
-            INTEGRITY_NAME,
+            INTEGRITY_NAME,  # the sha256 of each file, written last by GeneratedAdapter.save_pretrained
             "pytorch_lora_weights.safetensors",
         ]
         assert result["same_tensors"] and result["lora_alpha"] == 8 and result["change"] > 0
