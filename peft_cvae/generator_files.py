@@ -15,6 +15,7 @@ from transformers.utils import cached_file
 from .configuration_peft_cvae import PeftCVAEConfig
 from .constants import BIN_WEIGHTS_NAME, CONFIG_NAME, INTEGRITY_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .errors import CorruptFileError, InvalidConfigError, MissingFileError
+from .hub import is_repo_id
 from .integrity import VerifiedFolder
 
 __all__ = ["HUB_FILE_KWARGS", "generator_folder", "read_generator"]
@@ -64,6 +65,11 @@ def generator_folder(path, kwargs: dict) -> Path | None:
         raise MissingFileError(
             f"{path} is a file, but a generator is a folder (config.json + model.safetensors) or a Hub repo id. "
             "Pass the folder that PeftCVAEGenerator.save_pretrained wrote."
+        )
+    if not Path(path).exists() and not is_repo_id(str(path)):  # e.g. "/data/gen" or "./gen": a path, not a repo id
+        raise MissingFileError(
+            f"The generator folder {path} does not exist (and it is not a Hub repo id). Check the path, or pass a "
+            "repo id such as 'user/my-generator'."
         )
     config_file = _find_generator_file(path, CONFIG_NAME, kwargs)
     if config_file is False:

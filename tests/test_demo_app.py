@@ -22,6 +22,7 @@ from peft_cvae import (
     UnknownTaskError,
     train_generator,
 )
+from peft_cvae.constants import INTEGRITY_NAME
 from peft_cvae.demo_app import MODE_DESCRIPTION, MODE_EXAMPLES, MODE_TASK, AdapterDemo
 from peft_cvae.errors import DemoError
 from peft_cvae.testing_utils import save_tiny_text_encoder, tiny_llama
@@ -192,6 +193,7 @@ def test_zip_holds_one_adapter_folder(text_generator, tmp_path):
             "peft-cvae-repeating-seed4/",
             "peft-cvae-repeating-seed4/adapter_config.json",
             "peft-cvae-repeating-seed4/adapter_model.safetensors",
+            f"peft-cvae-repeating-seed4/{INTEGRITY_NAME}",
         ]
         opened.extractall(tmp_path)
     _assert_loads_exactly(tmp_path / "peft-cvae-repeating-seed4", adapter)

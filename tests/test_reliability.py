@@ -309,3 +309,11 @@ def test_a_file_given_as_a_generator_is_called_a_file(tmp_path):
     (tmp_path / "generator.json").write_text("{}")
     with pytest.raises(MissingFileError, match="is a file"):
         PeftCVAEGenerator.from_pretrained(tmp_path / "generator.json")
+
+
+@pytest.mark.parametrize("name", ["/no/such/generator", "./no-such-generator", "~/no-such-generator"])
+def test_a_missing_path_given_as_a_generator_is_called_a_missing_folder(name):
+    """A path that does not exist is a missing folder, not "an invalid Hub repo id" (issue 15 item 10)."""
+    with pytest.raises(MissingFileError, match="does not exist") as error:
+        PeftCVAEGenerator.from_pretrained(name)
+    assert "Repo id must" not in str(error.value)
