@@ -7,7 +7,9 @@ forward pass with `generator.generate_adapter(task)`.
 from transformers import AutoConfig, AutoModel
 
 from .adapter import GeneratedAdapter
+from .answer_evaluation import evaluate_answers
 from .callbacks import LoraCheckpointCallback
+from .collect import CollectArguments, TaskData, TaskExample, collect_bank, read_task_spec, train_task_lora
 from .configuration_peft_cvae import PeftCVAEConfig
 from .data import LoraBank, LoraCheckpoint
 from .errors import (
@@ -37,6 +39,7 @@ AutoConfig.register(PeftCVAEConfig.model_type, PeftCVAEConfig, exist_ok=True)
 AutoModel.register(PeftCVAEConfig, PeftCVAEGenerator, exist_ok=True)
 
 __all__ = [
+    "CollectArguments",
     "ConditionError",
     "CorruptFileError",
     "EmptyBankError",
@@ -58,10 +61,16 @@ __all__ = [
     "PeftCVAEError",
     "PeftCVAEGenerator",
     "PeftCVAEOutput",
+    "TaskData",
     "TaskEncoder",
+    "TaskExample",
     "TextTaskEncoder",
     "UnknownTaskError",
     "UnsupportedAdapterError",
+    "collect_bank",
+    "evaluate_answers",
     "load_task_encoder",
+    "read_task_spec",
     "train_generator",
+    "train_task_lora",
 ]
