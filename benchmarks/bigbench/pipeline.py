@@ -22,11 +22,12 @@ import torch
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
-from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
+from peft_cvae import LoraBank, PeftCVAEGenerator
 from peft_cvae.answer_evaluation import evaluate_answers
 from peft_cvae.collect import CollectArguments, TaskData, TaskExample, train_task_lora
 from peft_cvae.file_utils import read_json, write_json
 
+from ..generator_training import train_timed
 from .presets import CONDITION_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
 from .selection import BenchTask
 
@@ -156,16 +157,7 @@ def train_generators(banks: dict[str, LoraBank], settings: Settings, cache: Path
             if not (entry / "summary.json").is_file():
                 torch.manual_seed(settings.lora_seed)
                 generator = PeftCVAEGenerator.from_bank(bank, **settings.generator_overrides, **overrides)
-                start = time.perf_counter()
-                history = train_generator(
-                    generator,
-                    bank,
-                    epochs=settings.generator_epochs,
-                    lr=settings.generator_lr,
-                    batch_size=settings.generator_batch_size,
-                    seed=settings.lora_seed,
-                )
-                seconds = time.perf_counter() - start
+                history, seconds = train_timed(generator, bank, settings, seed=settings.lora_seed)
                 generator.save_pretrained(entry / "generator")
                 summary = {
                     "train_seconds": seconds,

@@ -3,16 +3,16 @@ each domain cached as its own small bank folder), conditioned banks, and generat
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
+from peft_cvae import LoraBank, PeftCVAEGenerator
 from peft_cvae.collect import CollectArguments, TaskData, train_task_lora
 from peft_cvae.file_utils import write_json
 
 from ..caching import cached_directory, peak_rss_mb
+from ..generator_training import train_timed
 from .domains import describe, domain_texts
 from .settings import GENERATOR_FIELDS, LORA_FIELDS, Settings
 
@@ -86,17 +86,9 @@ def trained_generator(bank: LoraBank, settings: Settings, cache: Path, tag: str)
         rss_before = peak_rss_mb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        history = train_generator(
-            generator,
-            bank,
-            epochs=settings.generator_epochs,
-            lr=settings.generator_lr,
-            batch_size=settings.generator_batch_size,
-            seed=settings.seed,
-        )
+        history, seconds = train_timed(generator, bank, settings, seed=settings.seed)
         stats = {
-            "train_seconds": time.perf_counter() - start,
+            "train_seconds": seconds,
             "peak_rss_mb": peak_rss_mb(),
             "peak_rss_growth_mb": peak_rss_mb() - rss_before,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
