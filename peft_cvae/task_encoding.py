@@ -111,7 +111,10 @@ class TextTaskEncoder:
         model_name_or_path: folder or Hub id of the encoder, recorded in `to_dict()`. Default: all-MiniLM-L6-v2,
             `"sentence-transformers/all-MiniLM-L6-v2"`.
         pooling: `"mean"` (over real tokens) or `"cls"` (the first token); ignored for CLIP, which has its own pooling.
-        max_length: texts are truncated to this many tokens.
+        max_length: texts are truncated to this many tokens, or to the encoder's own limit when that is smaller (its
+            `max_position_embeddings`, and its tokenizer's `model_max_length` when set: 77 for CLIP text encoders);
+            a truncated text is reported once per encoder with a warning. `to_dict()` records `max_length` as given,
+            so a saved generator rebuilds an encoder that cuts texts at the same place.
         local_path: a folder to read the weights from instead of `model_name_or_path` (no network needed); not
             recorded, so what this encoder makes still names `model_name_or_path`. Without it, the default encoder
             is read from `PEFT_CVAE_DEFAULT_TEXT_ENCODER_PATH` when set (see `resolve_text_encoder_path`).
@@ -143,6 +146,8 @@ class TextTaskEncoder:
         self._model = None
         self._tokenizer = None
         self._output = None  # which output holds the embedding: "text_embeds", "pooler_output" or "last_hidden_state"
+        self._token_limit = None  # min(max_length, the encoder's position limit), set by _load
+        self._warned_truncation = False
 
     def __repr__(self) -> str:
         return f"TextTaskEncoder({self.name_or_path!r}, pooling={self.pooling!r})"
@@ -173,6 +178,43 @@ class TextTaskEncoder:
             model, self._output = AutoModel.from_pretrained(path), "last_hidden_state"
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._model = model.eval()
+        self._token_limit = self._limit()
+
+    def _limit(self) -> int:
+        """Tokens a text may have: `max_length`, the model's position embeddings (CLIP: its text config's) and the
+        tokenizer's `model_max_length` when it is a real number (transformers uses a huge integer for "unset")."""
+        limits = [self.max_length]
+        positions = getattr(self._model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            limits.append(positions)
+        model_max_length = getattr(self._tokenizer, "model_max_length", None)
+        if isinstance(model_max_length, int) and 0 < model_max_length < 1_000_000:
+            limits.append(model_max_length)
+        return min(limits)
+
+    def _warn_if_truncated(self, texts: list[str], lengths: list[int]) -> None:
+        """Warn once per encoder when a text had more tokens than the limit (only texts that reached it are
+        tokenized again, untruncated, to know)."""
+        if self._warned_truncation:
+            return
+        for text, length in zip(texts, lengths):
+            if length < self._token_limit:
+                continue
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()  # "longer than the maximum" is what we are about to say
+            try:
+                full = len(self._tokenizer(text, truncation=False)["input_ids"])
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+            if full > self._token_limit:
+                self._warned_truncation = True
+                limit = self._token_limit
+                logger.warning(
+                    f"A task description has {full} tokens; the text encoder {self.name_or_path} reads at most "
+                    f"{limit}, so it is truncated to its first {limit} tokens. Keep what matters in the first "
+                    f"{limit} tokens. (Said once per encoder.)"
+                )
+                return
 
     @property
     def condition_size(self) -> int:
@@ -185,7 +227,10 @@ class TextTaskEncoder:
         """One unit-norm embedding per text, shape (B, condition_size), float32 on the CPU."""
         texts = _texts(texts, "TextTaskEncoder.embed")
         self._load()
-        batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self._token_limit, return_tensors="pt"
+        )
+        self._warn_if_truncated(texts, batch["attention_mask"].sum(dim=-1).tolist())
         batch = {key: value.to(_model_device(self._model)) for key, value in batch.items()}
         output = self._model(**batch)
         if self._output != "last_hidden_state":

@@ -60,7 +60,7 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 64):
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2)).eval()
 
 
-def tiny_bert(vocab_size: int, seed: int = 0):
+def tiny_bert(vocab_size: int, seed: int = 0, max_position_embeddings: int = 64):
     """A 1-layer `BertModel` of hidden size 16 (in eval mode): a stand-in sentence encoder."""
     from transformers import BertConfig, BertModel
 
@@ -70,7 +70,7 @@ def tiny_bert(vocab_size: int, seed: int = 0):
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_position_embeddings,
     )
     torch.manual_seed(seed)
     return BertModel(config).eval()
@@ -164,11 +164,15 @@ def save_tiny_clip_tokenizer(folder: str | Path, words=TINY_WORDS):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def save_tiny_text_encoder(folder: str | Path, kind: str = "bert", seed: int = 0, words=TINY_WORDS) -> str:
+def save_tiny_text_encoder(
+    folder: str | Path, kind: str = "bert", seed: int = 0, words=TINY_WORDS, max_position_embeddings: int = 64
+) -> str:
     """Save a tiny random text encoder with a WordPiece tokenizer of `words` to `folder`; return the folder.
 
     kind: "bert" (`tiny_bert`, hidden 16), "clip_text" (CLIPTextModel, pooled output) or "clip" (a full CLIPModel
     whose text embeddings are projected to 12 dimensions). The folder is what `TextTaskEncoder(folder)` takes.
+    max_position_embeddings: the encoder's position limit (77 is a real CLIP text encoder's); the tokenizer records
+    none, so the model's limit is the only one, as in checkpoints whose tokenizer leaves model_max_length unset.
     """
     from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
@@ -181,10 +185,10 @@ def save_tiny_text_encoder(folder: str | Path, kind: str = "bert", seed: int = 0
     BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
     sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64}
+    text = {**sizes, "vocab_size": len(vocab), "max_position_embeddings": max_position_embeddings}
     clip_text = {**text, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # CLIP pools at the [SEP] token
     if kind == "bert":
-        model = tiny_bert(len(vocab), seed)
+        model = tiny_bert(len(vocab), seed, max_position_embeddings)
     elif kind == "clip_text":
         model = CLIPTextModel(CLIPTextConfig(**clip_text))
     else:

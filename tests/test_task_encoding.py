@@ -376,3 +376,32 @@ def test_a_generator_pulled_from_the_hub_embeds_descriptions_with_the_default_mi
     by_description = pulled.generate_adapter(DESCRIPTIONS["ascending"], seed=0)
     assert same_adapter(by_description, pulled.generate_adapter("ascending", seed=0))
     assert same_adapter(by_description, generator.generate_adapter("ascending", seed=0))
+
+
+@pytest.mark.parametrize(("kind", "limit"), [("bert", 32), ("clip_text", 77)])
+def test_long_description_is_truncated_to_the_encoders_own_limit_with_one_warning(tmp_path, caplog, kind, limit):
+    """Issue 15 item 8: a description longer than the encoder's position limit (77 for real CLIP text encoders)
+    used to crash with a raw tensor-size error; it is cut at the limit, said once, and the spec stays as given."""
+    folder = save_tiny_text_encoder(tmp_path, kind, max_position_embeddings=limit)
+    encoder = TextTaskEncoder(folder)  # max_length=256, far above the limit
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    words = tokenizer.convert_ids_to_tokens(list(range(5, len(tokenizer))))
+    long_text = " ".join(words[index % len(words)] for index in range(500))  # 500 words, each one token
+    prefix = tokenizer.decode(tokenizer(long_text)["input_ids"][1 : limit - 1])  # what fits between [CLS] and [SEP]
+    assert len(tokenizer(prefix)["input_ids"]) == limit
+
+    with caplog.at_level("WARNING", logger="peft_cvae.task_encoding"):
+        embedding = encoder.encode(long_text)
+        assert torch.allclose(encoder.encode(prefix), embedding, atol=1e-6)  # exactly the limit: no warning
+        assert torch.allclose(encoder.embed([long_text, "sport news"])[0], embedding, atol=1e-5)
+        encoder.encode(long_text + " again")
+    warnings = [record for record in caplog.records if "truncated" in record.getMessage()]
+    assert len(warnings) == 1, caplog.text  # once per encoder
+    assert f"at most {limit}" in warnings[0].getMessage() and folder in warnings[0].getMessage()
+
+    spec = encoder.to_dict()
+    assert spec["max_length"] == 256  # recorded as given: saved generators rebuild the same encoder
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peft_cvae.task_encoding"):
+        assert torch.equal(load_task_encoder(spec).encode(long_text), embedding)
+    assert "truncated" in caplog.text  # a new encoder says it again, once
