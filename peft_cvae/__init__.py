@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .layout import LoraLayout
+from .merging import MergedAdapter, merge_adapters
 from .modeling_peft_cvae import PeftCVAEGenerator, PeftCVAEOutput
 from .task_encoding import HiddenStateTaskEncoder, TaskEncoder, TextTaskEncoder, load_task_encoder
 from .training import train_generator
@@ -53,6 +54,7 @@ __all__ = [
     "LoraCheckpoint",
     "LoraCheckpointCallback",
     "LoraLayout",
+    "MergedAdapter",
     "MissingExtraError",
     "MissingFileError",
     "NonFiniteError",
@@ -70,6 +72,7 @@ __all__ = [
     "collect_bank",
     "evaluate_answers",
     "load_task_encoder",
+    "merge_adapters",
     "read_task_spec",
     "train_generator",
     "train_task_lora",

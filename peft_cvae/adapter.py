@@ -42,6 +42,11 @@ class GeneratedAdapter:
         layout: the generator's `LoraLayout` (keys, shapes, dtype, LoRA config).
         task: name of the training task it was generated for, or None for a condition tensor.
         generator_name_or_path, seed, temperature: provenance, written into the adapter's metadata.
+        metadata: further provenance, written into the safetensors metadata and the card: the description or
+            `examples_sha256`, fused tasks and weights, `generator_sha256`, `peft_cvae_version`, `neighbours`.
+        neighbours: the training tasks nearest to the condition it was generated from, best first:
+            `{"task", "similarity"}` (cosine) plus `"memory_weight"` for generators with task memory
+            (see `PeftCVAEGenerator.condition_neighbours`).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -51,6 +56,7 @@ class GeneratedAdapter:
     seed: int | None = None
     temperature: float = 1.0
     metadata: dict = field(default_factory=dict)
+    neighbours: list[dict] = field(default_factory=list)
 
     @property
     def peft_config(self) -> LoraConfig:
@@ -71,9 +77,11 @@ class GeneratedAdapter:
 
         For a diffusers UNet (`layout.library == "diffusers"`) also write diffusers' `pytorch_lora_weights.safetensors`
         with the LoRA config as `lora_adapter_metadata`, so `pipe.load_lora_weights(save_directory)` loads the same
-        tensors at the same scale (`lora_alpha / r`). Files are written to a temporary folder first and moved into
-        place only when complete; the last one written is `peft_cvae_integrity.json`, the sha256 of each file, which
-        peft-cvae checks when it reads the adapter back (PEFT and diffusers ignore it).
+        tensors at the same scale (`lora_alpha / r`). A PEFT-style `README.md` card (the one `push_to_hub` uploads,
+        see `adapter_model_card`) says which generator made it, for what. Files are written to a temporary folder
+        first and moved into place only when complete; the last one written is `peft_cvae_integrity.json`, the
+        sha256 of each file (the card left out), which peft-cvae checks when it reads the adapter back (PEFT and
+        diffusers ignore it).
         """
         self._check()
         provenance = {"generated_by": "peft-cvae"}
@@ -83,6 +91,7 @@ class GeneratedAdapter:
             write_safetensors(self.state_dict, staging / ADAPTER_WEIGHTS_NAME, metadata=provenance)
             if self.layout.library == "diffusers":
                 save_diffusers_lora_weights(self.state_dict, lora_config_to_dict(self.peft_config), staging)
+            adapter_model_card(self, model_id=str(save_directory)).save(staging / CARD_NAME)
             write_integrity_record(staging)  # last: checked when peft-cvae reads the adapter back
 
     def _provenance(self) -> dict:

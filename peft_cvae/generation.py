@@ -13,22 +13,35 @@ place where they are checked), resolve the task(s) into conditions (`_resolve_co
 decode (`_decode_samples`) and wrap the vectors as `GeneratedAdapter`s (`_build_adapters`).
 """
 
+import hashlib
 import json
+import logging
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 
 from .adapter import GeneratedAdapter
+from .constants import INTEGRITY_NAME
 from .errors import ConditionError, InvalidArgumentError, NonFiniteError, UnknownTaskError
+from .file_utils import sha256_file
 from .task_encoding import load_task_encoder
 
 __all__ = ["GenerateAdapterMixin"]
 
+logger = logging.getLogger(__name__)
+
 COMBINE_MODES = ("condition", "parameters")
+NUM_NEIGHBOURS = 3  # nearest training tasks reported with each generated adapter
+# Used as the "nothing in the bank is close" threshold only for a generator with a single training task (no pair of
+# tasks to measure the bank's own spread with): below 0.3 cosine, sentence embeddings of two texts are unrelated.
+FALLBACK_LOW_SIMILARITY = 0.3
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
@@ -219,6 +232,7 @@ class GenerateAdapterMixin:
         if examples is not None:
             tasks = [list(examples)]
             metadata["examples"] = len(examples)
+            metadata["examples_sha256"] = hashlib.sha256(json.dumps(list(examples)).encode("utf-8")).hexdigest()
         else:
             tasks = list(task) if isinstance(task, (list, tuple)) else [task]
         resolved = [self.task_condition(item, task_encoder=task_encoder, base_model=base_model) for item in tasks]
@@ -258,11 +272,87 @@ class GenerateAdapterMixin:
         finally:
             self.train(was_training)
 
+    # ---- provenance and neighbours -----------------------------------------------------------------------------
+    def generator_sha256(self) -> str | None:
+        """The sha256 of the integrity record of the folder this generator was loaded from (it lists the sha256 of
+        every weight and config file, so it identifies the exact generator), or None for an unsaved generator or one
+        whose folder has no record (saved before the integrity scheme)."""
+        name = self.config.name_or_path
+        if not name:
+            return None
+        record = Path(name) / INTEGRITY_NAME
+        if not record.is_file() and not os.path.exists(name):
+            try:  # a Hub repo id: the record of the snapshot from_pretrained downloaded
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(name, INTEGRITY_NAME)
+                record = Path(cached) if isinstance(cached, str) else record
+            except Exception:  # not a valid repo id, or no cache: no hash to record
+                return None
+        return sha256_file(record) if record.is_file() else None
+
+    def low_similarity_threshold(self) -> float:
+        """Below this best cosine similarity a condition is "not close to anything in the bank": the smallest
+        similarity between two different training tasks (a condition further from every task than any two tasks are
+        from each other is outside what the generator saw; encoder-agnostic, unlike a fixed cut-off), or
+        `FALLBACK_LOW_SIMILARITY` for a generator with one training task."""
+        conditions = self.task_conditions.float()  # (T, cond)
+        if len(conditions) < 2:
+            return FALLBACK_LOW_SIMILARITY
+        similarity = F.cosine_similarity(conditions[:, None, :], conditions[None], dim=-1)  # (T, T)
+        off_diagonal = ~torch.eye(len(conditions), dtype=torch.bool, device=similarity.device)
+        return float(similarity[off_diagonal].min())
+
+    def condition_neighbours(self, condition: torch.Tensor, top_k: int = NUM_NEIGHBOURS) -> list[dict]:
+        """The training tasks nearest to a condition (condition_size,), best first: `{"task", "similarity"}` (cosine)
+        and, for a generator with task memory, `"memory_weight"`, the share of that task's mean checkpoint in the
+        adapter (softmax of the similarities at the learned temperature, over all tasks)."""
+        conditions = self.task_conditions.float()  # (T, cond)
+        if not len(conditions):
+            return []
+        query = condition.reshape(1, -1).float().to(conditions.device)  # (1, cond)
+        similarity = F.cosine_similarity(query, conditions, dim=-1)  # (T,)
+        memory_weights = None
+        if getattr(self, "task_memory", None) is not None:
+            memory_weights = torch.softmax(similarity / self.task_memory.log_temperature.exp().float(), dim=-1)
+        order = similarity.argsort(descending=True)[:top_k].tolist()
+        neighbours = []
+        for index in order:
+            entry = {"task": self.config.task_names[index], "similarity": round(float(similarity[index]), 4)}
+            if memory_weights is not None:
+                entry["memory_weight"] = round(float(memory_weights[index]), 4)
+            neighbours.append(entry)
+        return neighbours
+
+    def _request_neighbours(self, request: _Request) -> list[dict]:
+        """Neighbours of the request's (weight-mixed) condition; a logged warning when none is close."""
+        condition = (request.weights[:, None].to(request.conditions) * request.conditions.float()).sum(dim=0)
+        neighbours = self.condition_neighbours(condition)
+        if neighbours and request.task_name is None:
+            threshold = self.low_similarity_threshold()
+            if neighbours[0]["similarity"] < threshold:
+                logger.warning(
+                    "The task is not close to any training task of this generator: the best cosine similarity is "
+                    f"{neighbours[0]['similarity']:.3f} ({neighbours[0]['task']!r}), below {threshold:.3f}, the "
+                    "smallest similarity between two training tasks. Expect an adapter near the average of the bank "
+                    "(a model soup); add a related task to the bank for better results."
+                )
+        return neighbours
+
     def _build_adapters(
         self, flat: torch.Tensor, request: _Request, seed: int | None, temperature: float
     ) -> list[GeneratedAdapter]:
         """Flat vectors (S, N) -> `GeneratedAdapter`s, refusing non-finite values (see `_non_finite_error`)."""
+        from . import __version__
+
         layout = self.config.lora_layout
+        neighbours = self._request_neighbours(request)
+        provenance = {"peft_cvae_version": __version__}
+        generator_hash = self.generator_sha256()
+        if generator_hash:
+            provenance["generator_sha256"] = generator_hash
+        if neighbours:
+            provenance["neighbours"] = json.dumps(neighbours)
         adapters = []
         for vector in flat.float().cpu():
             state_dict = layout.unflatten(vector)  # in the layout's dtype, where large values can overflow
@@ -276,7 +366,8 @@ class GenerateAdapterMixin:
                     generator_name_or_path=self.config.name_or_path or None,
                     seed=seed,
                     temperature=temperature,
-                    metadata=dict(request.metadata),
+                    metadata={**request.metadata, **provenance},
+                    neighbours=[dict(entry) for entry in neighbours],
                 )
             )
         return adapters

@@ -346,6 +346,7 @@ def test_saving_into_a_writable_folder_whose_parent_is_read_only_works(trained_g
     trained_generator.save_pretrained(destination / "generator")  # a new folder inside: its parent is writable
     monkeypatch.undo()
     assert sorted(path.name for path in destination.iterdir()) == [
+        "README.md",  # the adapter's PEFT-style card, written by save_pretrained
         "adapter_config.json",
         "adapter_model.safetensors",
         "generator",

@@ -93,6 +93,7 @@ def test_diffusers_lora_generation(examples_on_path, tmp_path, fresh_accelerate_
     for name in ("stripes", "new"):
         result = results[name]
         assert result["files"] == [
+            "README.md",  # the PEFT-style card saying which generator made it
             "adapter_config.json",
             "adapter_model.safetensors",
             INTEGRITY_NAME,  # the sha256 of each file, written last by GeneratedAdapter.save_pretrained

@@ -57,6 +57,7 @@ def test_generated_adapter_loads_into_peft_with_no_missing_or_unexpected_keys(tr
     adapter = trained_generator.generate_adapter("ascending", seed=0)
     adapter.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",  # the PEFT-style card saying which generator made it
         "adapter_config.json",
         "adapter_model.safetensors",
         "peft_cvae_integrity.json",  # the sha256 of each file, checked when peft-cvae reads the adapter

@@ -3,14 +3,15 @@
     peft-cvae collect  --spec tasks.json --base-model BASE --output bank     # fine-tune a LoRA per task -> LoraBank
     peft-cvae train    bank --output generator                               # LoraBank -> PeftCVAEGenerator
     peft-cvae generate generator --description "..." --output adapter        # task -> PEFT adapter folder
+    peft-cvae merge    bank --method soup --output soup                      # baseline: soup/TIES/nearest adapter
     peft-cvae evaluate --base-model BASE --adapter NAME=adapter --texts a.txt b.txt   # perplexity, bits per char
     peft-cvae info     bank | generator | adapter                            # what a folder contains
     peft-cvae plot     bank | generator --output plots                       # PNG figures
     peft-cvae demo     generator                                             # an interactive Gradio page
 
 One module per command. Each is a thin layer over the library (`peft_cvae.collect`, `train_generator`,
-`generate_adapter`, `evaluate_adapters`, `peft_cvae.plotting`), and its options are the fields of the library's
-argument dataclasses (`CollectArguments`, `GeneratorTrainingArguments`, ...) turned into flags by
+`generate_adapter`, `merge_adapters`, `evaluate_adapters`, `peft_cvae.plotting`), and its options are the fields of
+the library's argument dataclasses (`CollectArguments`, `GeneratorTrainingArguments`, ...) turned into flags by
 `transformers.HfArgumentParser`, so defaults and help are written once. Every command also reads `--config FILE`
 (JSON or YAML; flags on the command line win). User mistakes (a missing file, a malformed task spec, an adapter that
 does not fit) end with one line on stderr and exit status 2, never a traceback; bugs still show their traceback.
@@ -22,13 +23,13 @@ import sys
 from transformers import HfArgumentParser
 
 from ..errors import PeftCVAEError
-from . import collect, demo, evaluate, generate, info, plot, train
+from . import collect, demo, evaluate, generate, info, merge, plot, train
 from .utils import PROG, CLIError, apply_config_file
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 USER_ERROR_EXIT_CODE = 2
-COMMANDS = (collect, train, generate, evaluate, info, plot, demo)  # in the order of the help
+COMMANDS = (collect, train, generate, merge, evaluate, info, plot, demo)  # in the order of the help
 
 
 def build_parser() -> HfArgumentParser:

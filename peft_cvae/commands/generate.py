@@ -65,8 +65,9 @@ def read_examples(path: Path) -> list[str]:
     return examples
 
 
-def _condition(namespace, generator):
-    """The task argument of generate_adapter: a training task's name, or an encoded description / examples."""
+def _condition(namespace, generator) -> dict:
+    """The task arguments of generate_adapter: a training task's name, a description, or example texts with the
+    encoder to embed them with. Texts are passed as text (not as encoded vectors) so the adapter records them."""
     from ..errors import UnknownTaskError
     from ..task_encoding import load_task_encoder
 
@@ -77,7 +78,7 @@ def _condition(namespace, generator):
                 f"Unknown task {namespace.task!r}; this generator was trained on {names}. Pass one of those, or "
                 "describe a new task with --description / --examples."
             )
-        return namespace.task
+        return {"task": namespace.task}
     spec = generator.config.condition_encoder
     if not spec:
         raise CLIError(
@@ -96,12 +97,33 @@ def _condition(namespace, generator):
             "--description TEXT."
         )
     if namespace.description is not None:
-        return load_task_encoder(spec).encode(namespace.description)
+        return {"task": namespace.description, "task_encoder": load_task_encoder(spec)}
     examples = read_examples(existing_path(namespace.examples, "examples file"))
     base_model = tokenizer = None
     if namespace.base_model:
         base_model, tokenizer = load_base_model(namespace.base_model)
-    return load_task_encoder(spec, base_model=base_model, tokenizer=tokenizer).encode(examples)
+    return {"examples": examples, "task_encoder": load_task_encoder(spec, base_model=base_model, tokenizer=tokenizer)}
+
+
+def neighbour_lines(generator, neighbours: list[dict], *, known_task: bool) -> list[str]:
+    """How the condition relates to the bank: the nearest training tasks, their cosine similarity and (task memory)
+    their share of the adapter, and a warning line when none is close (see `low_similarity_threshold`)."""
+    if not neighbours:
+        return []
+    lines = [
+        "Nearest training tasks (cosine similarity"
+        + (", task-memory weight):" if "memory_weight" in neighbours[0] else "):")
+    ]
+    for entry in neighbours:
+        weight = f", weight {entry['memory_weight']:.3f}" if "memory_weight" in entry else ""
+        lines.append(f"  {entry['task']}: similarity {entry['similarity']:.3f}{weight}")
+    threshold = generator.low_similarity_threshold()
+    if not known_task and neighbours[0]["similarity"] < threshold:
+        lines.append(
+            f"Warning: nothing in the bank is close to this task (best similarity {neighbours[0]['similarity']:.3f} < "
+            f"{threshold:.3f}, the smallest between two training tasks); expect an adapter near the bank's average."
+        )
+    return lines
 
 
 def run(namespace) -> int:
@@ -109,11 +131,12 @@ def run(namespace) -> int:
 
     args = dataclass_from(namespace, GenerateArguments)
     generator = PeftCVAEGenerator.from_pretrained(model_path(namespace.generator)).eval()  # a folder or a Hub repo id
-    task = _condition(namespace, generator)
     adapters = generator.generate_adapter(
-        task, num_samples=args.num_samples, seed=args.seed, temperature=args.temperature
+        **_condition(namespace, generator), num_samples=args.num_samples, seed=args.seed, temperature=args.temperature
     )
     adapters = adapters if isinstance(adapters, list) else [adapters]
+    for line in neighbour_lines(generator, adapters[0].neighbours, known_task=adapters[0].task is not None):
+        print(line)
     output = Path(args.output)
     folders = [output] if len(adapters) == 1 else [output / f"sample-{index:02d}" for index in range(len(adapters))]
     for adapter, folder in zip(adapters, folders):
