@@ -191,6 +191,7 @@ def test_zip_holds_one_adapter_folder(text_generator, tmp_path):
     with zipfile.ZipFile(archive) as opened:
         assert sorted(opened.namelist()) == [
             "peft-cvae-repeating-seed4/",
+            "peft-cvae-repeating-seed4/README.md",  # the adapter's card, with where it came from
             "peft-cvae-repeating-seed4/adapter_config.json",
             "peft-cvae-repeating-seed4/adapter_model.safetensors",
             f"peft-cvae-repeating-seed4/{INTEGRITY_NAME}",
