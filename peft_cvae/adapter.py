@@ -72,7 +72,7 @@ class GeneratedAdapter:
                     "LoRA weights: generate it again, or retrain the generator if it keeps happening."
                 )
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_id: str | None = None) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`.
 
         For a diffusers UNet (`layout.library == "diffusers"`) also write diffusers' `pytorch_lora_weights.safetensors`
@@ -81,7 +81,8 @@ class GeneratedAdapter:
         see `adapter_model_card`) says which generator made it, for what. Files are written to a temporary folder
         first and moved into place only when complete; the last one written is `peft_cvae_integrity.json`, the
         sha256 of each file (the card left out), which peft-cvae checks when it reads the adapter back (PEFT and
-        diffusers ignore it).
+        diffusers ignore it). `model_id` names the adapter in the card (default: `save_directory`; `push_to_hub`
+        passes the repo id).
         """
         self._check()
         provenance = {"generated_by": "peft-cvae"}
@@ -91,7 +92,7 @@ class GeneratedAdapter:
             write_safetensors(self.state_dict, staging / ADAPTER_WEIGHTS_NAME, metadata=provenance)
             if self.layout.library == "diffusers":
                 save_diffusers_lora_weights(self.state_dict, lora_config_to_dict(self.peft_config), staging)
-            adapter_model_card(self, model_id=str(save_directory)).save(staging / CARD_NAME)
+            adapter_model_card(self, model_id=model_id or str(save_directory)).save(staging / CARD_NAME)
             write_integrity_record(staging)  # last: checked when peft-cvae reads the adapter back
 
     def _provenance(self) -> dict:
@@ -166,8 +167,7 @@ class GeneratedAdapter:
         """
 
         def save(folder, full_repo_id):
-            self.save_pretrained(folder)
-            adapter_model_card(self, model_id=full_repo_id).save(folder / CARD_NAME)
+            self.save_pretrained(folder, model_id=full_repo_id)
 
         return push_folder_to_hub(
             save,

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import ConditionError, DemoError, UnknownTaskError
 
@@ -150,13 +149,9 @@ class AdapterDemo:
         """Cosine similarity of a condition to each training task's condition, highest first:
         rows of [task, cosine, description]. The generator's decoder (and its task memory, if any) is steered by
         exactly these conditions, so the closest tasks say what the new adapter is likely to resemble."""
-        stored = self.generator.task_conditions.float()  # (T, cond), saved with the generator
-        cosine = F.cosine_similarity(condition.float().reshape(1, -1), stored, dim=-1)  # (T,)
-        rows = [
-            [name, round(value, 4), description]
-            for name, value, description in zip(self.config.task_names, cosine.tolist(), self.config.task_descriptions)
-        ]
-        return sorted(rows, key=lambda row: -row[1])
+        descriptions = dict(zip(self.config.task_names, self.config.task_descriptions))
+        neighbours = self.generator.condition_neighbours(condition, top_k=len(descriptions))  # all tasks, best first
+        return [[entry["task"], entry["similarity"], descriptions[entry["task"]]] for entry in neighbours]
 
     def generate(self, mode: str, task_name: str | None = None, text: str | None = None, *, seed=0, temperature=1.0):
         """Generate an adapter from the form's fields.
