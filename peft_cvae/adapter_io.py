@@ -17,10 +17,9 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 
 from .constants import ADAPTER_BIN_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME
-from .diffusers_utils import PEFT_PREFIX, UNET_PREFIX
+from .diffusers_lora_files import load_diffusers_lora
 from .errors import CorruptFileError, MissingFileError, UnsupportedAdapterError
 from .file_utils import folder_lock
-from .import_utils import require_diffusers
 from .integrity import VerifiedFolder
 
 __all__ = ["adapter_library", "check_supported", "load_adapter", "load_diffusers_lora", "lora_config_to_dict"]
@@ -76,9 +75,13 @@ def lora_field_problem(config: dict) -> str | None:
 
 
 def adapter_library(path: str | os.PathLike) -> str:
-    """`"diffusers"` for a local folder holding diffusers' `pytorch_lora_weights.safetensors` (a UNet LoRA), else
-    `"peft"`. Used to give a bank built from adapter folders the right `LoraLayout.library`."""
-    return "diffusers" if (Path(str(path)) / DIFFUSERS_WEIGHTS_NAME).is_file() else "peft"
+    """`"diffusers"` for a local folder holding diffusers' `pytorch_lora_weights.safetensors` or a local
+    `.safetensors` LoRA file (diffusers or Kohya format: a UNet LoRA), else `"peft"`. Used to give a bank built from
+    adapter folders the right `LoraLayout.library`."""
+    path = Path(str(path))
+    if path.is_file() and path.suffix == ".safetensors":
+        return "diffusers"
+    return "diffusers" if (path / DIFFUSERS_WEIGHTS_NAME).is_file() else "peft"
 
 
 def _checked_config(config_dict: dict, path_str: str) -> dict:
@@ -141,19 +144,22 @@ def _load_legacy_bin(folder: Path) -> dict[str, torch.Tensor]:
         raise
 
 
-def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_adapter(path: str | os.PathLike, unet_config=None, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a PEFT adapter (local folder or Hub repo id): its config as a dict and its state dict.
 
     A local folder is read file by file through `VerifiedFolder` (`adapter_model.safetensors`, or a legacy `.bin`
     with `torch.load(weights_only=True)`); a Hub repo id by peft. A local diffusers LoRA folder (only
-    `pytorch_lora_weights.safetensors`, with `lora_adapter_metadata`) is read by diffusers and returned in PEFT's
-    saved form (see `load_diffusers_lora`).
+    `pytorch_lora_weights.safetensors`) or a local `.safetensors` LoRA file (diffusers or Kohya/A1111 format) is read
+    by diffusers' converters and returned in PEFT's saved form (see `peft_cvae.diffusers_lora_files`; `unet_config`
+    is needed there only for Kohya SDXL files with original block names).
     """
     path_str = str(path)
     if Path(path_str).exists():
         folder = Path(path_str)
-        if not (folder / ADAPTER_CONFIG_NAME).is_file() and adapter_library(folder) == "diffusers":
-            return load_diffusers_lora(folder)
+        if folder.is_file() or (
+            not (folder / ADAPTER_CONFIG_NAME).is_file() and adapter_library(folder) == "diffusers"
+        ):
+            return load_diffusers_lora(folder, unet_config=unet_config)
         return _load_local_adapter(folder)
     looks_local = isinstance(path, os.PathLike) or os.path.isabs(path_str) or path_str.startswith(".")
     if looks_local or path_str.count("/") > 1:
@@ -170,49 +176,3 @@ def load_adapter(path: str | os.PathLike, **hub_kwargs) -> tuple[dict, dict[str,
             "Save the adapter again with `PeftModel.save_pretrained`."
         ) from error
     return config_dict, state_dict
-
-
-def load_diffusers_lora(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read the UNet LoRA of a diffusers LoRA folder (`pytorch_lora_weights.safetensors`, as written by
-    `save_lora_weights` or `unet.save_lora_adapter`): its LoRA config as a dict and its state dict in PEFT saved form.
-
-    The file must carry `lora_adapter_metadata` (diffusers' training scripts write it): without it the LoRA's
-    `lora_alpha` is unknown.
-    """
-    require_diffusers()
-    from diffusers import StableDiffusionPipeline  # an optional dependency, imported only when it is needed
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    file = Path(path) / DIFFUSERS_WEIGHTS_NAME
-    if not file.is_file():
-        raise MissingFileError(f"{path} has no {DIFFUSERS_WEIGHTS_NAME}, so it is not a diffusers LoRA folder.")
-    try:
-        state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path), weight_name=DIFFUSERS_WEIGHTS_NAME, return_lora_metadata=True
-        )
-    except Exception as error:  # safetensors raises its own error types for truncated files
-        raise CorruptFileError(f"{file} is not a readable diffusers LoRA file ({error}). Save it again.") from error
-    if any(key.startswith("text_encoder") for key in state_dict):
-        raise UnsupportedAdapterError(
-            f"{file} also holds text-encoder LoRA tensors; peft-cvae generates UNet LoRAs only. Train the bank's "
-            "LoRAs on the UNet alone."
-        )
-    # Pipeline-level files (`save_lora_weights`) prefix keys and metadata with "unet."; model-level files
-    # (`unet.save_lora_adapter`) do not.
-    prefix = f"{UNET_PREFIX}." if any(key.startswith(f"{UNET_PREFIX}.") for key in state_dict) else ""
-    unet_keys = [key for key in state_dict if key.startswith(prefix)]
-    if network_alphas or len(unet_keys) != len(state_dict) or not all(".lora" in key for key in unet_keys):
-        raise UnsupportedAdapterError(
-            f"{file} is not a UNet LoRA in diffusers format (keys 'unet.<module>.lora...'); found keys such as "
-            f"{next(iter(state_dict), None)!r}. Kohya/A1111 files are not supported: load them into a pipeline and "
-            "save them with save_lora_weights(..., unet_lora_adapter_metadata=...)."
-        )
-    config = {key.removeprefix(prefix): value for key, value in (metadata or {}).items() if key.startswith(prefix)}
-    if not config:
-        raise UnsupportedAdapterError(
-            f"{file} has no lora_adapter_metadata for the UNet, so its lora_alpha is unknown (diffusers would assume "
-            "lora_alpha = r). Save it with save_lora_weights(..., unet_lora_adapter_metadata=lora_config.to_dict())."
-        )
-    config.setdefault("peft_type", "LORA")
-    unet_state = convert_unet_state_dict_to_peft({key.removeprefix(prefix): state_dict[key] for key in unet_keys})
-    return lora_config_to_dict(config), {PEFT_PREFIX + key: tensor for key, tensor in unet_state.items()}

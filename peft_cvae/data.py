@@ -192,12 +192,15 @@ class LoraBank:
         descriptions: dict[str, str] | None = None,
         condition_encoder: dict | None = None,
         library: str | None = None,
+        unet_config=None,
     ) -> "LoraBank":
         """Build a bank from saved PEFT adapters: `{task: [adapter folder or Hub repo id, ...]}`.
 
         The layout is taken from the first adapter; every other one must match it (same base model, rank and target
-        modules) and have the same LoRA config. Local diffusers LoRA folders (`pytorch_lora_weights.safetensors`
-        with `lora_adapter_metadata`) are read too and give `layout.library == "diffusers"`; pass
+        modules) and have the same LoRA config. Diffusion LoRAs are read too and give `layout.library ==
+        "diffusers"`: local diffusers LoRA folders (`pytorch_lora_weights.safetensors`) and `.safetensors` files in
+        diffusers or Kohya/A1111 format, converted by diffusers (alphas carried as in
+        `peft_cvae.diffusers_lora_files`; `unet_config=pipe.unet.config` for Kohya SDXL files). Pass
         `library="diffusers"` for PEFT folders of a diffusers UNet (`PeftModel.save_pretrained`), so generated
         adapters are also written for `pipe.load_lora_weights`.
         """
@@ -206,7 +209,7 @@ class LoraBank:
         bank = None
         for task, paths in adapters.items():
             for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-                config, state_dict = load_adapter(path)
+                config, state_dict = load_adapter(path, unet_config=unet_config)
                 if bank is None:
                     layout = LoraLayout.from_state_dict(state_dict, config, library=library or adapter_library(path))
                     bank = cls(layout, condition_encoder=condition_encoder)

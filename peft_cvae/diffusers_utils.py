@@ -8,13 +8,13 @@ records `library="diffusers"` so that a generated adapter is written twice:
     adapter_config.json + adapter_model.safetensors   PEFT, for `PeftModel.from_pretrained(unet, dir)`
     pytorch_lora_weights.safetensors                  diffusers, for `pipe.load_lora_weights(dir)`
 
-The diffusers file is written by diffusers itself (`StableDiffusionPipeline.save_lora_weights`, keys converted with
-`convert_state_dict_to_diffusers` as in diffusers' `train_text_to_image_lora.py`) and carries the LoRA config as
-`lora_adapter_metadata`. Without that metadata diffusers assumes `lora_alpha = r` and silently rescales the adapter by
-`r / lora_alpha`, so it is always written, and required when a diffusers file is read back.
+The diffusers file is written by diffusers itself (`StableDiffusionPipeline.save_lora_weights`, keys in PEFT's form as
+`unet.save_lora_adapter` writes them) and carries the LoRA config as `lora_adapter_metadata`. Without that metadata
+diffusers assumes `lora_alpha = r` and silently rescales the adapter by `r / lora_alpha`, so it is always written. (A
+file read back without it is taken with lora_alpha = r, as diffusers takes it, with a warning.)
 
 diffusers is an optional dependency (`pip install "peft-cvae[diffusers]"`); it is imported only when needed. Reading
-diffusers LoRA folders lives in `peft_cvae.adapter_io` with the other adapter readers.
+diffusers and Kohya/A1111 LoRA files lives in `peft_cvae.diffusers_lora_files`.
 """
 
 import os
@@ -87,7 +87,6 @@ def save_diffusers_lora_weights(
     """
     require_diffusers()
     from diffusers import StableDiffusionPipeline  # an optional dependency, imported only when it is needed
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     outside = [key for key in state_dict if not key.startswith(PEFT_PREFIX)]
     if outside:
@@ -95,9 +94,11 @@ def save_diffusers_lora_weights(
             f"Tensor {outside[0]!r} is not in PEFT's saved form for a UNet (keys start with {PEFT_PREFIX!r}); "
             "build the layout with LoraLayout.from_diffusers(unet) or LoraLayout.from_peft_model(peft_unet)."
         )
+    # Keys stay in PEFT's form (`<module>.lora_A.weight`), as `unet.save_lora_adapter` writes them. diffusers' older
+    # form (`convert_state_dict_to_diffusers`) renames attention projections only (`to_q.lora.down`), and
+    # `load_lora_adapter` converts a file back only when its *first* key lacks `lora_A`: with a LoRA on `proj_in`,
+    # `ff` or a resnet too, that mixed file silently lost the attention LoRAs on load.
     unet_layers = {key.removeprefix(PEFT_PREFIX): tensor.contiguous() for key, tensor in state_dict.items()}
     StableDiffusionPipeline.save_lora_weights(
-        save_directory,
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
-        unet_lora_adapter_metadata=dict(lora_config),
+        save_directory, unet_lora_layers=unet_layers, unet_lora_adapter_metadata=dict(lora_config)
     )

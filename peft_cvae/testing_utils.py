@@ -114,6 +114,33 @@ def tiny_unet(seed: int = 0):
     ).eval()
 
 
+def tiny_sdxl_unet(seed: int = 0):
+    """A tiny UNet shaped like Stable Diffusion XL's (as diffusers' own SDXL tests build it): two blocks of
+    `layers_per_block=2` (SDXL's), attention only in the second with two transformer layers, linear projections, and
+    `addition_embed_type="text_time"`. Inputs: 16x16 latents of 4 channels, text (B, L, 16) and `added_cond_kwargs`
+    `{"text_embeds": (B, 32), "time_ids": (B, 6)}`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + 32 pooled text
+        cross_attention_dim=16,
+        norm_num_groups=4,
+    ).eval()
+
+
 def tiny_vae(seed: int = 0):
     """A one-block `AutoencoderKL` with 4 latent channels (in eval mode)."""
     from diffusers import AutoencoderKL

@@ -164,11 +164,14 @@ def test_bank_reads_diffusers_lora_folders(unet_runs, tmp_path):
     current = get_diffusers_lora_state_dict(unet)
     assert sorted(state) == sorted(current) and all(torch.equal(state[key], current[key]) for key in current)
 
-    # Without lora_adapter_metadata the alpha is unknown: refuse rather than guess lora_alpha = r as diffusers does.
+    # Without lora_adapter_metadata the alpha is not recorded: read as lora_alpha = r, as diffusers does, with a
+    # warning (tests/test_diffusers_formats.py checks the UNet output against diffusers' own loading).
     bare = tmp_path / "no-metadata"
     StableDiffusionPipeline.save_lora_weights(bare, unet_lora_layers=strip(expected))
-    with pytest.raises(UnsupportedAdapterError, match="lora_adapter_metadata"):
-        load_diffusers_lora(bare)
+    with pytest.warns(UserWarning, match="no lora_adapter_metadata"):
+        config, state = load_diffusers_lora(bare)
+    assert config["lora_alpha"] == config["r"] == RANK
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     data = (folders["flip"][0] / DIFFUSERS_WEIGHTS_NAME).read_bytes()
