@@ -38,7 +38,7 @@ from peft import LoraConfig
 
 from .constants import DIFFUSERS_WEIGHTS_NAME
 from .diffusers_utils import PEFT_PREFIX, UNET_PREFIX
-from .errors import CorruptFileError, MissingFileError, UnsupportedAdapterError
+from .errors import CorruptFileError, LayoutMismatchError, MissingFileError, UnsupportedAdapterError
 from .import_utils import require_diffusers
 
 __all__ = ["diffusers_lora_file", "is_kohya_state_dict", "load_diffusers_lora"]
@@ -116,6 +116,34 @@ def _unet_config(unet_config):
     return SimpleNamespace(**dict(unet_config))
 
 
+def _check_fits_unet(file: Path, state: dict[str, torch.Tensor], unet_config) -> None:
+    """With the UNet's config at hand, check every converted module exists in that UNet and its LoRA fits the module's
+    shape: a file of another model (an SD 1.x LoRA for SDXL) or a name diffusers could not map fails here, not when
+    a generated adapter is loaded. The UNet is built on the meta device: no memory, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    modules = dict(unet.named_modules())
+    for key, tensor in state.items():
+        name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        module = modules.get(name)
+        if module is None:
+            raise LayoutMismatchError(
+                f"{file}: the LoRA on {name!r} has no module of that name in the given UNet. The file was trained "
+                "for another model (an SD 1.x LoRA for SDXL?) or names it in a way diffusers does not convert."
+            )
+        size_in = getattr(module, "in_features", getattr(module, "in_channels", None))
+        size_out = getattr(module, "out_features", getattr(module, "out_channels", None))
+        expected = size_in if which.startswith("A") else size_out
+        found = tensor.shape[1] if which.startswith("A") else tensor.shape[0]
+        if expected != found:
+            raise LayoutMismatchError(
+                f"{file}: the LoRA on {name!r} has {found} {'input' if which.startswith('A') else 'output'} "
+                f"features but the given UNet's module has {expected}. The file was trained for another model."
+            )
+
+
 def _load_kohya(file: Path, raw: dict[str, torch.Tensor], unet_config) -> tuple[dict, dict[str, torch.Tensor]]:
     """A Kohya/A1111 LoRA file in PEFT saved form, each module's alpha / rank multiplied into its lora_B."""
     from diffusers import StableDiffusionPipeline
@@ -142,7 +170,7 @@ def _load_kohya(file: Path, raw: dict[str, torch.Tensor], unet_config) -> tuple[
             "diffusers' UNet needs the UNet's config. Pass unet_config=pipe.unet.config (or "
             "UNet2DConditionModel.load_config(model_id, subfolder='unet'))."
         )
-    unet_config = _unet_config(unet_config)
+    sgm_config = _unet_config(unet_config)
     state = {}
     for module in modules:
         down, up = f"{module}.lora_down.weight", f"{module}.lora_up.weight"
@@ -153,7 +181,7 @@ def _load_kohya(file: Path, raw: dict[str, torch.Tensor], unet_config) -> tuple[
             part[f"{module}.alpha"] = raw[f"{module}.alpha"]
         try:
             # diffusers' own conversion, one module at a time so the alpha stays with its tensors
-            converted, alphas = StableDiffusionPipeline.lora_state_dict(part, unet_config=unet_config)
+            converted, alphas = StableDiffusionPipeline.lora_state_dict(part, unet_config=sgm_config)
         except (ValueError, KeyError, IndexError) as error:
             raise UnsupportedAdapterError(f"diffusers cannot convert {module} of {file}: {error}") from error
         peft_part = convert_unet_state_dict_to_peft(
@@ -232,9 +260,10 @@ def load_diffusers_lora(path: str | os.PathLike, unet_config=None) -> tuple[dict
     Args:
         path: a `.safetensors` file (diffusers or Kohya/A1111 format), or a folder holding
             `pytorch_lora_weights.safetensors`.
-        unet_config: the config of the UNet the LoRA was trained on (`pipe.unet.config` or a dict). Needed only for
+        unet_config: the config of the UNet the LoRA was trained on (`pipe.unet.config` or a dict). Needed for
             Kohya SDXL files that name blocks the original way (`lora_unet_input_blocks_4_1_...`), as
-            `StableDiffusionXLPipeline.load_lora_weights` passes `unet_config=self.unet.config`.
+            `StableDiffusionXLPipeline.load_lora_weights` passes `unet_config=self.unet.config`. When given, every
+            converted module is also checked to exist in that UNet with matching features (`LayoutMismatchError`).
 
     See the module docstring for how alphas are carried and what is refused.
     """
@@ -242,5 +271,9 @@ def load_diffusers_lora(path: str | os.PathLike, unet_config=None) -> tuple[dict
     file = diffusers_lora_file(path)
     raw, _ = _read_safetensors(file)
     if is_kohya_state_dict(raw):
-        return _load_kohya(file, raw, unet_config)
-    return _load_diffusers_format(file, list(raw))
+        config, state = _load_kohya(file, raw, unet_config)
+    else:
+        config, state = _load_diffusers_format(file, list(raw))
+    if unet_config is not None:
+        _check_fits_unet(file, state, unet_config)
+    return config, state

@@ -21,6 +21,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from peft_cvae import (  # noqa: E402
+    CorruptFileError,
     LayoutMismatchError,
     LoraBank,
     PeftCVAEGenerator,
@@ -214,7 +215,7 @@ def test_kohya_refusals(tmp_path):
     with pytest.raises(UnsupportedAdapterError, match="safetensors only"):
         load_diffusers_lora(tmp_path / "pickled.ckpt")
     save_file({f"{module}.lora_down.weight": kohya[f"{module}.lora_down.weight"]}, str(tmp_path / "half.safetensors"))
-    with pytest.raises(Exception, match="without both lora_down and lora_up"):
+    with pytest.raises(CorruptFileError, match="without both lora_down and lora_up"):
         load_diffusers_lora(tmp_path / "half.safetensors")
 
 
@@ -367,3 +368,17 @@ def test_bank_refuses_mixing_ranks_and_reads_single_files(wild_files, tmp_path):
         LoraBank.from_adapters({"ink": wild_files["ink"][:1], "other": [file]})
     config, state = load_adapter(wild_files["ink"][0])  # a single .safetensors file is an adapter path too
     assert config["r"] == RANK and all(key.startswith(PEFT_PREFIX) for key in state)
+
+
+def test_unet_config_checks_the_file_fits_the_unet(tmp_path):
+    """Given the UNet's config, each converted module must exist there with matching features: an SD 1.x LoRA read
+    for SDXL is refused at once, not when a generated adapter is loaded."""
+    state = peft_lora_state(tiny_unet, seed=40, targets=["to_q", "conv1"])
+    file = write_kohya(tmp_path / "sd1.safetensors", state, alpha=1.0)
+    config, converted = load_diffusers_lora(file, unet_config=tiny_unet().config)
+    assert sorted(strip(converted)) == sorted(state)
+    with pytest.raises(LayoutMismatchError, match="another model"):
+        load_diffusers_lora(file, unet_config=tiny_sdxl_unet().config)
+    wider = dict(tiny_unet().config, block_out_channels=(8, 16), cross_attention_dim=16)  # same names, other sizes
+    with pytest.raises(LayoutMismatchError, match="features but the given UNet's module has"):
+        load_diffusers_lora(file, unet_config=wider)
