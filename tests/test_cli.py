@@ -235,6 +235,9 @@ def test_info_describes_bank_generator_and_adapter(workspace, capsys):
 def test_plot_writes_pngs(workspace, tmp_path):
     assert main(["plot", str(workspace["bank"]), "--output", str(tmp_path / "bank"), "--method", "tsne"]) == 0
     assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "gen"), "--samples", "3"]) == 0
+    with_bank = ["--bank", str(workspace["bank"]), "--method", "pca"]
+    assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "real"), *with_bank]) == 0
+    assert (tmp_path / "real" / "generated.png").read_bytes()[:4] == b"\x89PNG"
     for path in [tmp_path / "bank" / "checkpoints.png", tmp_path / "bank" / "task_vectors.png"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
     for path in [tmp_path / "gen" / "training_loss.png", tmp_path / "gen" / "generated.png"]:
