@@ -1,5 +1,5 @@
 # peft-cvae developer commands, in the style of peft's Makefile.
-.PHONY: install test quality style demo docs clean
+.PHONY: install test quality style demo docs reference clean
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -25,6 +25,10 @@ quality: $(VENV)/.installed-dev
 style: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix peft_cvae tests benchmarks examples spaces
 	$(VENV)/bin/ruff format peft_cvae tests benchmarks examples spaces
+
+# Regenerate the committed CLI and API references (docs/cli.md, docs/api.md) from the package.
+reference: $(VENV)/.installed-test
+	$(PYTHON) docs/hooks.py
 
 docs: $(VENV)/.installed-dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

@@ -52,6 +52,7 @@ __all__ = [
     "TaskLora",
     "check_task_name",
     "collect_bank",
+    "quiet_libraries",
     "read_task_spec",
     "train_task_lora",
 ]
@@ -60,6 +61,12 @@ logger = logging.getLogger(__name__)
 
 CONDITIONS = ("text", "in-context")
 SMOOTHING_SHARE = 0.1  # the reported loss is the mean of the last 10% of the logged per-step losses
+DEFAULT_LAST_FRACTION = 1 / 3
+TAIL_STEPS = 40  # the converged-tail recipe keeps every step of the last 40 (DESIGN §7: ~40 checkpoints per task)
+RECIPES = {
+    "converged-tail": "keep every optimiser step of the last 40 (save_steps=1, last_fraction=40/steps): ~40 "
+    "checkpoints per task on the cosine-decayed tail of training, as the run of record in docs/benchmarks.md",
+}
 
 
 @dataclass
@@ -79,10 +86,18 @@ class CollectArguments:
         default=None, metadata={"help": "keep a checkpoint every N steps (default: steps / 20)"}
     )
     last_fraction: float = field(
-        default=1 / 3,
+        default=DEFAULT_LAST_FRACTION,
         metadata={"help": "keep checkpoints of this final share of training (default: 1/3, as ICM-LoRA's last 50 of "
                   "150 epochs)"},
     )  # fmt: skip
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "a preset of the checkpoint flags; converged-tail: " + RECIPES["converged-tail"] + ". "
+            "--save-steps or --last-fraction given explicitly win",
+            "choices": list(RECIPES),
+        },
+    )
     condition: str = field(
         default="text",
         metadata={
@@ -102,6 +117,10 @@ class CollectArguments:
     )
 
     def __post_init__(self):
+        if self.recipe is not None:
+            if self.recipe not in RECIPES:
+                raise InvalidConfigError(f"recipe must be one of {sorted(RECIPES)} or None, got {self.recipe!r}.")
+            self._apply_recipe()
         for name in ("lora_r", "steps", "batch_size", "max_length", "num_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -129,6 +148,14 @@ class CollectArguments:
             raise InvalidConfigError(
                 f"target_modules must be a non-empty list of module names, got {self.target_modules!r}."
             )
+
+    def _apply_recipe(self) -> None:
+        """Fill in the recipe's values of the checkpoint fields still at their defaults (a value set explicitly wins;
+        setting exactly the default value cannot be told apart from not setting it)."""
+        if self.save_steps is None:
+            self.save_steps = 1
+        if self.last_fraction == DEFAULT_LAST_FRACTION and isinstance(self.steps, int) and self.steps > 0:
+            self.last_fraction = min(1.0, TAIL_STEPS / self.steps)
 
     @property
     def checkpoint_every(self) -> int:
@@ -158,6 +185,7 @@ class TaskLora:
     train_seconds: float
     loss: float | None  # mean of the last 10% of logged per-step training losses (one noisy batch says little)
     num_sequences: int  # training blocks (documents) or examples
+    held_out_perplexity: tuple[float, float] | None = None  # (before, after) on the task's test_texts, if it has any
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------------
@@ -275,7 +303,7 @@ class _TaskProgressCallback(ProgressCallback):
 
 
 @contextlib.contextmanager
-def _quiet_libraries():
+def quiet_libraries():
     """Silence transformers' and peft's warnings, info logs and weight-loading bars while a task is encoded and
     trained, so each task shows one progress bar (Trainer's, which is plain tqdm) and one summary line."""
     from transformers.utils import logging as transformers_logging
@@ -318,18 +346,20 @@ def train_task_lora(
         progress_label: the label of the progress bar (default: the task's name).
 
     Returns:
-        A `TaskLora`: the bank, the trained `PeftModel`, the kept steps, the training time and the smoothed loss.
+        A `TaskLora`: the bank, the trained `PeftModel`, the kept steps, the training time, the smoothed loss and,
+        when the task has `test_texts`, the held-out perplexity before and after training.
     """
     dataset = task_dataset(task, tokenizer, args.max_length)
     torch.manual_seed(args.seed)  # the same LoRA initialisation for every task: the generator models what differs
-    with _quiet_libraries():
+    with quiet_libraries():
         model = get_peft_model(copy.deepcopy(base_model), args.lora_config())
+    before = _held_out_perplexity(model, tokenizer, task, args)  # B = 0: the base model's perplexity
     callback = LoraCheckpointCallback(
         bank, task.name, description=task.description, condition=condition, save_steps=args.checkpoint_every,
         last_fraction=args.last_fraction,
     )  # fmt: skip
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") as scratch, _quiet_libraries():
+    with tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") as scratch, quiet_libraries():
         training_args = TrainingArguments(
             output_dir=scratch,
             max_steps=args.steps,
@@ -360,6 +390,7 @@ def train_task_lora(
         trainer.add_callback(_TaskProgressCallback(progress_label or task.name))
         trainer.train()
     seconds = time.perf_counter() - start
+    after = _held_out_perplexity(model, tokenizer, task, args)
     if args.save_adapters:
         from .file_utils import atomic_directory
 
@@ -372,7 +403,21 @@ def train_task_lora(
         train_seconds=seconds,
         loss=_smoothed_loss(trainer.state.log_history),
         num_sequences=len(dataset),
+        held_out_perplexity=None if before is None else (before, after),
     )
+
+
+def _held_out_perplexity(model, tokenizer, task: TaskData, args: CollectArguments) -> float | None:
+    """Perplexity on the task's held-out texts (None without any), in windows of `max_length` tokens."""
+    if not task.test_texts:
+        return None
+    from .evaluation import evaluate_language_model
+
+    with quiet_libraries():
+        return evaluate_language_model(
+            model, tokenizer, task.test_texts, max_length=max(2, args.max_length), batch_size=args.batch_size,
+            autocast_dtype=torch.bfloat16 if args.bf16 else None, progress=False,
+        )["perplexity"]  # fmt: skip
 
 
 def default_task_encoder(base_model, tokenizer, args: CollectArguments):
@@ -427,7 +472,7 @@ def collect_bank(
     if task_encoder is None:
         task_encoder = default_task_encoder(base_model, tokenizer, args)
     for index, task in enumerate(tasks):
-        with _quiet_libraries():
+        with quiet_libraries():
             condition = task_encoder.encode(
                 task.description
                 if getattr(task_encoder, "kind", None) == "text"

@@ -142,6 +142,7 @@ def evaluate_language_model(
     stride: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress_label: str = "Scoring text",
+    progress: bool = True,
 ) -> dict:
     """Score a causal language model on texts: perplexity and bits per character (see the module docstring).
 
@@ -158,6 +159,7 @@ def evaluate_language_model(
         autocast_dtype: run the forward passes under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CPU).
             The log-likelihoods are always computed in float32.
         progress_label: the label of the progress bar (shown on a terminal).
+        progress: False hides the progress bar (`collect` scores held-out texts inside a task's own bar).
 
     Returns:
         A dict with `perplexity` (per token), `bits_per_character`, `loss` (mean negative log-likelihood per predicted
@@ -188,7 +190,7 @@ def evaluate_language_model(
     num_tokens = 0
     was_training = model.training
     model.eval()
-    progress = tqdm(total=len(windows), desc=progress_label, unit="window", disable=None)
+    progress = tqdm(total=len(windows), desc=progress_label, unit="window", disable=None if progress else True)
     try:
         with torch.no_grad():
             for input_ids, attention_mask, labels in _batches(windows, batch_size, pad_token_id, device):

@@ -1,4 +1,5 @@
-"""Plots of what a generator learns from: task vectors in 2-D (ICM-LoRA's Fig. 2) and the training loss curve.
+"""Plots of what a generator learns from and what it makes: task vectors or checkpoints in 2-D (ICM-LoRA's Fig. 2),
+generated LoRAs beside the real checkpoints of each task, and the training loss curve.
 
 Both functions write a PNG with matplotlib's non-interactive Agg backend, so they work on machines without a display.
 matplotlib is an optional dependency (`pip install "peft-cvae[plots]"`); t-SNE uses scikit-learn when it is installed
@@ -12,6 +13,7 @@ Example:
     bank = LoraBank.from_pretrained("my-bank")
     plot_task_vectors(bank, "checkpoints.png")  # one point per checkpoint, coloured by task
     plot_training_loss(history, "loss.png")  # history as returned by train_generator
+    plot_generated_and_real(generated, real, "generated.png")  # {task: (n, N) flat LoRAs} each, one projection
     ```
 """
 
@@ -25,7 +27,14 @@ from .data import LoraBank
 from .errors import MissingExtraError
 from .import_utils import is_sklearn_available, require_plots
 
-__all__ = ["MissingExtraError", "plot_task_vectors", "plot_training_loss", "project_2d"]
+__all__ = [
+    "MissingExtraError",
+    "plot_generated_and_real",
+    "plot_task_vectors",
+    "plot_training_loss",
+    "project_2d",
+    "project_together",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +134,72 @@ def plot_task_vectors(
     axes.set_ylabel(f"{used} 2")
     axes.set_title(f"{title} ({used})" if title else f"{what}: {used}, coloured by task")
     axes.legend(loc="best", fontsize="small")
+    return _save(figure, path, plt)
+
+
+def project_together(
+    groups: dict[str, dict[str, torch.Tensor]], method: str = "tsne", seed: int = 0
+) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """Project several groups of points (e.g. `{"real": {task: (n, D)}, "generated": {task: (m, D)}}`) with ONE 2-D
+    projection fitted on all of them, so a generated LoRA and a real checkpoint at the same place are the same LoRA.
+
+    Returns:
+        `({group: {task: (n, 2)}}, the method used)`.
+    """
+    rows, index = [], []
+    for group, vectors in groups.items():
+        for task, tensor in vectors.items():
+            tensor = torch.as_tensor(tensor).detach().float().cpu()
+            tensor = tensor.reshape(1, -1) if tensor.dim() == 1 else tensor.reshape(tensor.shape[0], -1)
+            index.append((group, task, len(tensor)))
+            rows.append(tensor)
+    if not rows:
+        raise ValueError("Nothing to project: every group is empty.")
+    sizes = {row.shape[1] for row in rows}
+    if len(sizes) != 1:
+        raise ValueError(f"All points must have the same length, got lengths {sorted(sizes)}.")
+    projected, used = project_2d(torch.cat(rows), method, seed)  # (M, 2)
+    result: dict[str, dict[str, torch.Tensor]] = {group: {} for group in groups}
+    start = 0
+    for group, task, count in index:
+        result[group][task] = projected[start : start + count]
+        start += count
+    return result, used
+
+
+def plot_generated_and_real(
+    generated: dict, real: dict, path: str | os.PathLike, method: str = "tsne", title: str | None = None, seed: int = 0
+) -> Path:
+    """Scatter generated LoRAs (crosses) beside the real checkpoints of the same tasks (dots), in one 2-D projection
+    fitted on both, coloured by task, and save a PNG.
+
+    Generated samples that fall on one point while the real checkpoints spread show a decoder that ignores its latent;
+    samples far from their own task's checkpoints show a generator that does not reproduce the task.
+
+    Args:
+        generated: `{task: tensor (m, N)}` of flattened generated LoRAs (`layout.flatten(adapter.state_dict)`).
+        real: `{task: tensor (n, N)}` of flattened bank checkpoints (e.g. `bank.checkpoints_of(task)`).
+        path: where to write the PNG.
+        method: `"tsne"` or `"pca"` (as `plot_task_vectors`).
+        title: the figure title (the projection used is appended).
+        seed: random state of t-SNE.
+    """
+    plt = _pyplot()
+    projected, used = project_together({"real": real, "generated": generated}, method, seed)
+    figure, axes = plt.subplots(figsize=(6.5, 5), dpi=100)
+    colours = plt.get_cmap("tab10")
+    for number, task in enumerate(dict.fromkeys([*real, *generated])):
+        colour = colours(number % 10)
+        if task in projected["real"]:
+            points = projected["real"][task]
+            axes.scatter(points[:, 0], points[:, 1], s=30, color=colour, alpha=0.45, label=f"{task}: real")
+        if task in projected["generated"]:
+            points = projected["generated"][task]
+            axes.scatter(points[:, 0], points[:, 1], s=70, color=colour, marker="x", label=f"{task}: generated")
+    axes.set_xlabel(f"{used} 1")
+    axes.set_ylabel(f"{used} 2")
+    axes.set_title(f"{title} ({used})" if title else f"Generated (x) and real (o) LoRAs: {used}, coloured by task")
+    axes.legend(loc="best", fontsize="x-small")
     return _save(figure, path, plt)
 
 

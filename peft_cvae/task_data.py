@@ -17,6 +17,10 @@ A task spec is a JSON list with one object per task (relative paths are relative
       {"name": "logic", "task_json": "bigbench/logical_deduction/task.json"}
     ]
 
+A task may also name held-out texts, never trained on: `"test_files": ["sport_test/*.txt"]`, or for a `dataset`
+`"test_split": "test"` (the same dataset, another split); `collect` then reports their perplexity before and after
+fine-tuning.
+
 Task names become folder names (`collect --save-adapters FOLDER/<task>`) and Hub paths, so `check_task_name` refuses
 anything that is not one plain path component, wherever a name enters the library.
 """
@@ -36,7 +40,7 @@ DEFAULT_OUTPUT_PREFIX = "\nA: "
 DEFAULT_CHOICE_PREFIX = "\n  choice: "
 SPEC_FIELDS = {
     "name", "description", "files", "dataset", "data_files", "split", "text_column", "examples", "task_json",
-    "input_prefix", "output_prefix", "choice_prefix", "append_choices_to_input",
+    "input_prefix", "output_prefix", "choice_prefix", "append_choices_to_input", "test_files", "test_split",
 }  # fmt: skip
 SOURCES = ("files", "dataset", "examples", "task_json")
 
@@ -102,6 +106,8 @@ class TaskData:
         examples: prompt/answer pairs, trained with the loss on the answer tokens only.
         input_prefix, output_prefix: an example's prompt is `input_prefix + input + output_prefix`; its answer is
             `target` + the tokenizer's EOS token (BIG-bench's `example_input_prefix`, `example_output_prefix`).
+        test_texts: held-out texts, never trained on; `collect` reports the perplexity on them before and after
+            fine-tuning (spec fields `test_files`, or `test_split` for a `dataset`).
     """
 
     name: str
@@ -110,9 +116,18 @@ class TaskData:
     examples: list[TaskExample] | None = None
     input_prefix: str = DEFAULT_INPUT_PREFIX
     output_prefix: str = DEFAULT_OUTPUT_PREFIX
+    test_texts: list[str] | None = None
 
     def __post_init__(self):
         check_task_name(self.name)
+        if self.test_texts is not None:
+            if not isinstance(self.test_texts, list) or not all(isinstance(text, str) for text in self.test_texts):
+                raise InvalidConfigError(f"The test_texts of task {self.name!r} must be a list of strings.")
+            self.test_texts = [text.strip() for text in self.test_texts if text.strip()]
+            if not self.test_texts:
+                raise InvalidConfigError(
+                    f"Task {self.name!r} has test texts, but all of them are empty. Add text or leave them out."
+                )
         if not isinstance(self.description, str):
             raise InvalidConfigError(f"The description of task {self.name!r} must be a string.")
         if (self.texts is None) == (self.examples is None):
@@ -236,6 +251,7 @@ def _read_spec_entry(entry, where: str, folder: Path) -> TaskData:
             "'task_json' (a BIG-bench task.json)."
         )
     common = {"name": check_task_name(name), "description": entry.get("description", "")}
+    common["test_texts"] = _test_texts(entry, folder, where)
     if "files" in entry:
         files = entry["files"]
         if not isinstance(files, list) or not files or not all(isinstance(file, str) for file in files):
@@ -250,6 +266,27 @@ def _read_spec_entry(entry, where: str, folder: Path) -> TaskData:
     }
     examples = _read_examples(entry, where)
     return TaskData(**common, examples=examples, **prefixes)
+
+
+def _test_texts(entry: dict, folder: Path, where: str) -> list[str] | None:
+    """The held-out texts a spec entry names: `test_files` (like `files`) or `test_split` (another split of its
+    `dataset`)."""
+    if "test_files" in entry and "test_split" in entry:
+        raise InvalidConfigError(f"{where[0].upper()}{where[1:]} sets both 'test_files' and 'test_split'; keep one.")
+    if "test_files" in entry:
+        files = entry["test_files"]
+        if not isinstance(files, list) or not files or not all(isinstance(file, str) for file in files):
+            raise InvalidConfigError(f"The 'test_files' of {where} must be a non-empty list of paths.")
+        return [read_text_file(file).strip() for file in text_files(files, folder)]
+    if "test_split" in entry:
+        if "dataset" not in entry:
+            raise InvalidConfigError(
+                f"The 'test_split' of {where} names a split of its 'dataset', but it has none; use 'test_files'."
+            )
+        if not isinstance(entry["test_split"], str):
+            raise InvalidConfigError(f"The 'test_split' of {where} must be a split name such as \"test\".")
+        return _dataset_texts({**entry, "split": entry["test_split"]}, folder, where)
+    return None
 
 
 def _with_texts(common: dict, texts: list[str], where: str) -> TaskData:

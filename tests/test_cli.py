@@ -235,6 +235,9 @@ def test_info_describes_bank_generator_and_adapter(workspace, capsys):
 def test_plot_writes_pngs(workspace, tmp_path):
     assert main(["plot", str(workspace["bank"]), "--output", str(tmp_path / "bank"), "--method", "tsne"]) == 0
     assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "gen"), "--samples", "3"]) == 0
+    with_bank = ["--bank", str(workspace["bank"]), "--method", "pca"]
+    assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "real"), *with_bank]) == 0
+    assert (tmp_path / "real" / "generated.png").read_bytes()[:4] == b"\x89PNG"
     for path in [tmp_path / "bank" / "checkpoints.png", tmp_path / "bank" / "task_vectors.png"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
     for path in [tmp_path / "gen" / "training_loss.png", tmp_path / "gen" / "generated.png"]:
@@ -358,6 +361,39 @@ def test_collect_reads_a_json_config(workspace, tmp_path):
     bank = LoraBank.from_pretrained(tmp_path / "b")
     assert [checkpoint.step for checkpoint in bank.checkpoints_of("letters")] == [3, 4]
     assert bank.layout.lora_config["r"] == 2
+
+
+def test_collect_prints_its_cost_first_and_estimate_only_trains_nothing(workspace, tmp_path, capsys):
+    args = ["collect", "--spec", str(workspace["spec.json"]), "--base-model", str(workspace["base"])]
+    args += ["--output", str(tmp_path / "b"), "--text-encoder", str(workspace["encoder"]), "--lora-r", "2"]
+    args += ["--max-length", "16", "--batch-size", "2", "--recipe", "converged-tail", "--estimate-only"]
+    assert main([*args, "--steps", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe converged-tail" in out
+    assert "40 checkpoints kept (steps 11..50)" in out  # the recipe: every step of the last 40
+    assert "measured on 2 timed step(s) of task 'numbers'" in out and "Total for 3 task(s)" in out
+    assert not (tmp_path / "b").exists()
+    assert main([*args, "--steps", "50", "--save-steps", "10"]) == 0  # an explicit flag beats the recipe
+    assert "4 checkpoints kept (steps 20..50)" in capsys.readouterr().out
+
+
+def test_collect_summary_gives_held_out_perplexity_and_one_bar_per_task(workspace, tmp_path, capsys):
+    import re
+
+    root = workspace["root"]
+    spec = [{"name": "numbers", "description": "lists of numbers", "files": [str(root / "data" / "numbers")]}]
+    spec[0]["test_files"] = [str(root / "data" / "numbers" / "0.txt")]  # a training text: its perplexity must fall
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    args = ["collect", "--spec", str(tmp_path / "spec.json"), "--base-model", str(workspace["base"])]
+    args += ["--output", str(tmp_path / "b"), "--text-encoder", str(workspace["encoder"]), *LORA_FLAGS]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    line = next(line for line in captured.out.splitlines() if line.startswith("  numbers:"))
+    assert "loss" in line and "(mean of the last 10% of steps)" in line
+    before, after = map(float, re.search(r"held-out perplexity ([\d.]+) -> ([\d.]+)", line).groups())
+    assert after < before
+    assert "Warning" not in captured.err and "Loading weights" not in captured.err + captured.out
+    assert "[1/1] numbers" in captured.err  # the task's own progress bar
 
 
 def test_config_file_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys):

@@ -21,6 +21,7 @@ from peft_cvae.collect import (
     task_dataset,
     train_task_lora,
 )
+from peft_cvae.collect_cost import estimate_collect_cost, kept_steps
 from peft_cvae.errors import InvalidConfigError, PeftCVAEError
 from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama
 
@@ -217,3 +218,77 @@ def test_text_condition_needs_descriptions(model_and_tokenizer):
         collect_bank(base, tokenizer, [TaskData("sums", examples=SUMS)], CollectArguments(**ARGS))
     with pytest.raises(InvalidConfigError, match="more than once"):
         collect_bank(base, tokenizer, [TaskData("a", "d", texts=["x"])] * 2, CollectArguments(**ARGS))
+
+
+# ---- the converged-tail recipe and the cost estimate ----------------------------------------------------------------
+def test_converged_tail_recipe_keeps_every_step_of_the_last_40():
+    args = CollectArguments(recipe="converged-tail")
+    assert (args.save_steps, args.checkpoint_every) == (1, 1)
+    assert kept_steps(args.steps, args.checkpoint_every, args.last_fraction) == list(range(81, 121))
+    short = CollectArguments(recipe="converged-tail", steps=60)
+    assert kept_steps(short.steps, short.checkpoint_every, short.last_fraction) == list(range(21, 61))
+    tiny = CollectArguments(recipe="converged-tail", steps=30)  # shorter than the tail: every step
+    assert kept_steps(tiny.steps, tiny.checkpoint_every, tiny.last_fraction) == list(range(1, 31))
+    explicit = CollectArguments(recipe="converged-tail", save_steps=4, last_fraction=0.5)  # flags given win
+    assert (explicit.save_steps, explicit.last_fraction) == (4, 0.5)
+    assert CollectArguments().save_steps is None  # no recipe: the defaults are unchanged
+    with pytest.raises(InvalidConfigError, match="recipe must be one of"):
+        CollectArguments(recipe="fast")
+
+
+def test_cost_estimate_is_exact_on_disk_and_kept_steps_match_training(model_and_tokenizer, tmp_path):
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("numbers", "lists of numbers", texts=CORPUS[:4])
+    args = CollectArguments(**{**ARGS, "save_steps": 3}, last_fraction=0.6)
+    cost = estimate_collect_cost(base, tokenizer, [task, task], args, timed_steps=2)
+    result = train_task_lora(base, tokenizer, task, args)
+    assert cost.steps == result.steps == [6, 9, 12]  # every 3rd step of the last 60 % of 12 steps
+    result.bank.save_pretrained(tmp_path / "bank")
+    files = sorted((tmp_path / "bank" / "checkpoints").glob("*.safetensors"))
+    assert len(files) == cost.checkpoints_per_task
+    assert all(file.stat().st_size == cost.bytes_per_checkpoint for file in files)  # exact, header included
+    assert cost.numbers_per_checkpoint == result.bank.layout.numel
+    assert cost.bytes_per_checkpoint > cost.numbers_per_checkpoint * 4
+    assert cost.seconds_per_step > 0 and cost.seconds_per_task == pytest.approx(cost.seconds_per_step * 12)
+    text = cost.describe()
+    assert "3 checkpoints kept (steps 6..12)" in text and "measured on 2 timed step(s) of task 'numbers'" in text
+    assert "Total for 2 task(s)" in text
+    assert estimate_collect_cost(base, tokenizer, [task], args, timed_steps=0).seconds_per_task is None
+
+
+def test_held_out_perplexity_is_reported_before_and_after(model_and_tokenizer):
+    from peft_cvae.evaluation import evaluate_language_model
+
+    base, tokenizer = model_and_tokenizer
+    held_out = CORPUS[:1]  # a training text, so that a dozen steps surely lower its perplexity
+    task = TaskData("numbers", "lists of numbers", texts=CORPUS[:4], test_texts=["", *held_out])
+    assert task.test_texts == held_out  # empty texts dropped
+    args = CollectArguments(**ARGS)
+    result = train_task_lora(base, tokenizer, task, args)
+    before, after = result.held_out_perplexity
+    reference = evaluate_language_model(base, tokenizer, held_out, max_length=args.max_length, progress=False)
+    assert before == pytest.approx(reference["perplexity"], rel=1e-5)  # LoRA B starts at 0: the base model
+    assert after < 0.95 * before
+    assert train_task_lora(base, tokenizer, TaskData("n", texts=CORPUS[:4]), args).held_out_perplexity is None
+    with pytest.raises(InvalidConfigError, match="all of them are empty"):
+        TaskData("n", texts=CORPUS[:4], test_texts=[" "])
+
+
+def test_spec_test_files_and_test_split(tmp_path):
+    (tmp_path / "train.txt").write_text("some training text")
+    (tmp_path / "test.txt").write_text("held-out text\n")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n')
+    entry = {"name": "t", "description": "d", "files": ["train.txt"], "test_files": ["test.txt"]}
+    (tmp_path / "spec.json").write_text(json.dumps([entry]))
+    assert read_task_spec(tmp_path / "spec.json")[0].test_texts == ["held-out text"]
+    dataset = {"name": "t", "dataset": "json", "data_files": "rows.jsonl", "test_split": "train"}
+    (tmp_path / "spec.json").write_text(json.dumps([dataset]))
+    assert read_task_spec(tmp_path / "spec.json")[0].test_texts == ["a row"]
+    for bad, words in [
+        ({**entry, "test_split": "test"}, "both 'test_files' and 'test_split'"),
+        ({**entry, "test_files": "test.txt"}, "non-empty list of paths"),
+        ({k: v for k, v in entry.items() if k != "test_files"} | {"test_split": "test"}, "has none; use 'test_files'"),
+    ]:
+        (tmp_path / "spec.json").write_text(json.dumps([bad]))
+        with pytest.raises(InvalidConfigError, match=words):
+            read_task_spec(tmp_path / "spec.json")

@@ -60,3 +60,26 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(MissingExtraError, match=r"peft-cvae\[plots\]"):
         plot_task_vectors({"a": torch.zeros(4)}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generated_and_real_share_one_projection(bank, trained_generator, tmp_path):
+    from peft_cvae.plotting import plot_generated_and_real, project_together
+
+    layout = bank.layout
+    real = {
+        task: torch.stack([layout.flatten(c.state_dict) for c in bank.checkpoints_of(task)])
+        for task in bank.task_names
+    }
+    copies = {task: points[-2:].clone() for task, points in real.items()}  # "generated" = two real checkpoints
+    projected, used = project_together({"real": real, "generated": copies}, method="pca")
+    assert used == "PCA"
+    for task, points in real.items():
+        assert projected["real"][task].shape == (len(points), 2)
+        torch.testing.assert_close(projected["generated"][task], projected["real"][task][-2:])  # the same place
+    samples = {}
+    for task in bank.task_names:
+        adapters = trained_generator.generate_adapter(task, num_samples=3, seed=0)
+        samples[task] = torch.stack([layout.flatten(adapter.state_dict) for adapter in adapters])
+    assert_png(plot_generated_and_real(samples, real, tmp_path / "generated.png", method="tsne"))
+    with pytest.raises(ValueError, match="same length"):
+        project_together({"real": real, "generated": {"x": torch.zeros(2, 3)}})
