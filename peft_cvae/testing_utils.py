@@ -7,17 +7,21 @@ with `from_pretrained` (model and tokenizer), for code that takes a path, as use
 """
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "TINY_CAUSAL_LM_FAMILIES",
     "TINY_WORDS",
+    "TinyCausalLMFamily",
     "save_tiny_causal_lm",
     "save_tiny_clip_tokenizer",
     "save_tiny_text_encoder",
     "tiny_bpe_tokenizer",
     "tiny_bert",
+    "tiny_causal_lm",
     "tiny_clip_text_model",
     "tiny_gpt2",
     "tiny_llama",
@@ -35,29 +39,100 @@ TINY_WORDS = tuple(
 """The default vocabulary of the tiny tokenizers: the words the tests' descriptions and examples use."""
 
 
+@dataclass(frozen=True)
+class TinyCausalLMFamily:
+    """One causal-LM architecture at test size, like diffusers' tiny test configs: how to build it, and which of its
+    modules a LoRA on the attention targets. The families differ where peft-cvae could break: fused projections
+    (Phi-3's `qkv_proj`), GPT-2's `Conv1D` whose weight is stored transposed (`c_attn`, `fan_in_fan_out=True`),
+    grouped-query attention (fewer key/value heads, so `v_proj` is narrower than `q_proj`), attention biases (Qwen2),
+    query/key norms and a head size that is not hidden / heads (Qwen3, Gemma3), sliding-window layers (Mistral,
+    Gemma3) and a config nested in a text config (Gemma3's `get_text_config()`)."""
+
+    name: str
+    config_class: str  # a transformers class name, imported when the model is built
+    model_class: str
+    config: dict = field(default_factory=dict)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores (in, out): PEFT must be told
+
+    def build(self, seed: int = 0, vocab_size: int = 64, **config_overrides):
+        """The random model (in eval mode); the same seed gives the same weights."""
+        import transformers
+
+        config = getattr(transformers, self.config_class)(
+            **{**self.config, "vocab_size": vocab_size, **config_overrides}
+        )
+        torch.manual_seed(seed)
+        return getattr(transformers, self.model_class)(config).eval()
+
+    def lora_config(self, r: int = 2, **overrides):
+        """A `LoraConfig` on this family's attention targets (alpha 2 r)."""
+        from peft import LoraConfig
+
+        fields = {
+            "r": r,
+            "lora_alpha": 2 * r,
+            "target_modules": list(self.lora_targets),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "task_type": "CAUSAL_LM",
+        }
+        return LoraConfig(**{**fields, **overrides})
+
+
+_TINY_SIZES = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+_TINY_SIZES["max_position_embeddings"] = 64
+TINY_CAUSAL_LM_FAMILIES = {
+    family.name: family
+    for family in (
+        TinyCausalLMFamily("llama", "LlamaConfig", "LlamaForCausalLM", {**_TINY_SIZES, "num_key_value_heads": 2}),
+        TinyCausalLMFamily(  # Gemma-3's text model (270M and 1B are text-only); the first layer slides over 4 tokens
+            "gemma3",
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            {**_TINY_SIZES, "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4, "layer_types": None},
+        ),
+        TinyCausalLMFamily("qwen2", "Qwen2Config", "Qwen2ForCausalLM", {**_TINY_SIZES, "num_key_value_heads": 1}),
+        TinyCausalLMFamily(
+            "qwen3", "Qwen3Config", "Qwen3ForCausalLM", {**_TINY_SIZES, "num_key_value_heads": 1, "head_dim": 4}
+        ),
+        TinyCausalLMFamily(
+            "mistral", "MistralConfig", "MistralForCausalLM", {**_TINY_SIZES, "num_key_value_heads": 1}
+        ),
+        TinyCausalLMFamily(  # fused q, k, v in one Linear; the default pad id 32000 is beyond a tiny vocabulary
+            "phi3",
+            "Phi3Config",
+            "Phi3ForCausalLM",
+            {**_TINY_SIZES, "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+            lora_targets=("qkv_proj",),
+        ),
+        TinyCausalLMFamily(
+            "gpt2",
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            {"n_positions": 64, "n_embd": 16, "n_layer": 2, "n_head": 2, "bos_token_id": 0, "eos_token_id": 0},
+            lora_targets=("c_attn",),
+            fan_in_fan_out=True,
+        ),
+    )
+}
+"""Every tiny causal-LM family the tests cover, by name (`tiny_causal_lm(name)` builds one)."""
+
+
+def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 64, **config_overrides):
+    """A 2-layer causal LM of width 16 of one of `TINY_CAUSAL_LM_FAMILIES` (in eval mode)."""
+    if family not in TINY_CAUSAL_LM_FAMILIES:
+        raise ValueError(f"Unknown tiny family {family!r}; choose one of {sorted(TINY_CAUSAL_LM_FAMILIES)}.")
+    return TINY_CAUSAL_LM_FAMILIES[family].build(seed, vocab_size, **config_overrides)
+
+
 def tiny_llama(seed: int = 0, vocab_size: int = 64, **config_overrides):
     """A 2-layer `LlamaForCausalLM` of hidden size 16 (in eval mode); `config_overrides` go to `LlamaConfig`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fields = {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 64,
-    }
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).eval()
+    return tiny_causal_lm("llama", seed, vocab_size, **config_overrides)
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64):
     """A 2-layer `GPT2LMHeadModel` of width 16 (in eval mode): a causal LM that is not Llama-shaped."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2)).eval()
+    return tiny_causal_lm("gpt2", seed, vocab_size)
 
 
 def tiny_bert(vocab_size: int, seed: int = 0, max_position_embeddings: int = 64):
@@ -225,9 +300,9 @@ def save_tiny_text_encoder(
     return str(folder)
 
 
-def save_tiny_causal_lm(folder: str | Path, words=TINY_WORDS, seed: int = 0) -> Path:
-    """Save `tiny_llama` with a word-level tokenizer of `words` (split on whitespace; `[EOS]` ends texts, `[PAD]`
-    pads) to `folder`; return the folder."""
+def save_tiny_causal_lm(folder: str | Path, words=TINY_WORDS, seed: int = 0, family: str = "llama") -> Path:
+    """Save a tiny causal LM of `family` (`tiny_causal_lm`; `tiny_llama` by default) with a word-level tokenizer of
+    `words` (split on whitespace; `[EOS]` ends texts, `[PAD]` pads) to `folder`; return the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -239,8 +314,13 @@ def save_tiny_causal_lm(folder: str | Path, words=TINY_WORDS, seed: int = 0) -> 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
     )
-    model = tiny_llama(
-        seed, vocab_size=len(vocab), pad_token_id=vocab["[PAD]"], eos_token_id=vocab["[EOS]"], bos_token_id=None
+    model = tiny_causal_lm(
+        family,
+        seed,
+        vocab_size=len(vocab),
+        pad_token_id=vocab["[PAD]"],
+        eos_token_id=vocab["[EOS]"],
+        bos_token_id=None,
     )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -18,6 +18,7 @@ from peft_cvae.collect import (
     check_task_name,
     collect_bank,
     read_task_spec,
+    sequence_prefix,
     task_dataset,
     train_task_lora,
 )
@@ -79,6 +80,37 @@ def test_too_long_examples_lose_the_start_of_the_prompt(model_and_tokenizer):
     item = task_dataset(TaskData("long", examples=[example]), tokenizer, max_length=max_length)[0]
     assert item["input_ids"].tolist() == prompt[-5:] + answer  # the end of the prompt and the whole answer
     assert item["labels"].tolist() == [-100] * 5 + answer
+
+
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with a post-processor that puts its BOS in front of every text, as Gemma's does."""
+    from tokenizers import processors
+
+    tokenizer = tiny_tokenizer()
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+def test_blocks_and_examples_start_with_the_tokenizers_own_start_tokens():
+    """Gemma-3 without its <bos> is another model (loss 6.5-9.0 vs 2.8-4.7 measured): every training block and
+    example starts with what the tokenizer puts in front of a text; a tokenizer that adds nothing gets plain blocks."""
+    plain, with_bos = tiny_tokenizer(), bos_tokenizer()
+    assert sequence_prefix(plain) == [] and sequence_prefix(with_bos) == [with_bos.bos_token_id]
+    texts = TaskData("text", texts=CORPUS)
+    plain_blocks = [item["input_ids"] for item in task_dataset(texts, plain, max_length=8)]
+    bos_blocks = [item["input_ids"] for item in task_dataset(texts, with_bos, max_length=8)]
+    stream = torch.cat(plain_blocks).tolist()  # no prefix: the documents' tokens, joined by EOS, cut in blocks
+    assert all(block.shape == (8,) and block[0] == with_bos.bos_token_id for block in bos_blocks)
+    assert torch.cat([block[1:] for block in bos_blocks]).tolist() == stream[: 7 * len(bos_blocks)]
+
+    task = TaskData("sums", examples=[SUMS[0]])
+    item = task_dataset(task, with_bos, max_length=64)[0]
+    prompt = with_bos(task.prompt(SUMS[0]), add_special_tokens=False)["input_ids"]
+    assert item["input_ids"][: 1 + len(prompt)].tolist() == [with_bos.bos_token_id, *prompt]
+    assert item["labels"][: 1 + len(prompt)].eq(-100).all() and item["labels"][1 + len(prompt) :].ne(-100).all()
 
 
 def answer_nll(model, tokenizer, task: TaskData) -> float:

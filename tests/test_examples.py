@@ -66,6 +66,34 @@ def test_llm_domain_adapters(llm_run):
         assert all(torch.equal(file.get_tensor(key), expected[key]) for key in expected)
 
 
+def test_llm_domain_adapters_on_gemma3_then_in_context_generation(examples_on_path, tmp_path, fresh_accelerate_state):
+    """The second model family (issue 17): `--quick --base-model gemma3-270m` runs the same example on a tiny random
+    `Gemma3ForCausalLM`; the description generator's adapters load into Gemma with nothing missing or unexpected, and
+    generate_from_descriptions then conditions a second generator on Gemma's own hidden states (Eq. 1)."""
+    import generate_from_descriptions
+    import llm_domain_adapters
+
+    outputs = llm_domain_adapters.main(["--quick", "--base-model", "gemma3-270m", "--output", str(tmp_path)])
+    base = AutoModelForCausalLM.from_pretrained(outputs["base_model"])
+    assert type(base).__name__ == "Gemma3ForCausalLM"
+    bank = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert len(bank["checkpoints"]) >= 6
+    model = PeftModel.from_pretrained(base, str(tmp_path / "generated" / "sport"))
+    result = model.load_adapter(str(tmp_path / "generated" / "food"), adapter_name="food")
+    assert [key for key in result.missing_keys if ".food." in key and "lora_" in key] == []
+    assert result.unexpected_keys == []
+    generator = PeftCVAEGenerator.from_pretrained(outputs["generator"])
+    expected = generator.generate_adapter("food", seed=0).state_dict
+    with safe_open(tmp_path / "generated" / "food" / "adapter_model.safetensors", "pt") as file:
+        assert all(torch.equal(file.get_tensor(key), expected[key]) for key in expected)
+
+    results = generate_from_descriptions.main(["--quick", "--workdir", str(tmp_path)])
+    assert set(results) == {"sport", "tech", "food"}
+    in_context = PeftCVAEGenerator.from_pretrained(tmp_path / "generator-in-context")
+    assert in_context.config.condition_encoder["kind"] == "hidden_state"
+    assert in_context.config.condition_size == base.config.get_text_config().hidden_size
+
+
 def test_generate_from_descriptions(llm_run, fresh_accelerate_state):
     import generate_from_descriptions
 

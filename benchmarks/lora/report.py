@@ -5,10 +5,49 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from peft_cvae.file_utils import read_json
 
-from .settings import CONDITION_KINDS, DESIGN_HISTORY, REPORT_PAGES, Settings
+from .settings import CONDITION_KINDS, DEFAULT_BASE_MODEL, DESIGN_HISTORY, REPORT_PAGES, Settings
 from .targets import SEEN_PPL_RATIO_TARGET, ratios_to_original
+
+BASE_MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
+FAMILY_NAMES = {"smollm2-135m": "SmolLM2", "gemma3-270m": "Gemma-3"}  # as the report's prose names them
+
+
+def base_model_name(settings: Settings) -> str:
+    """The base model as a reader knows it (`tiny Llama` on the tiny preset)."""
+    return "tiny Llama" if settings.tiny else BASE_MODEL_NAMES.get(settings.base_model, settings.base_model)
+
+
+def task_vector_table(points: dict) -> list[str]:
+    """Markdown lines: for each kind of condition, the cosine between the domains' task vectors (the mean of each
+    domain's points) and, on the diagonal, the mean cosine of one domain's single-example vectors to their mean:
+    how far apart the encoder puts the domains, against how much one example moves it."""
+    lines = []
+    for kind, per_domain in points.items():
+        names = list(per_domain)
+        vectors = {name: torch.tensor(per_domain[name], dtype=torch.float32) for name in names}  # (n, H) each
+        means = {name: v.mean(dim=0) for name, v in vectors.items()}
+        size = next(iter(means.values())).numel()
+        lines += [
+            "",
+            f"`{kind}` ({size} numbers per task, {len(next(iter(vectors.values())))} point(s) per domain):",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for a in names:
+            cells = []
+            for b in names:
+                if a == b:
+                    own = torch.nn.functional.cosine_similarity(vectors[a], means[a][None], dim=-1).mean()
+                    cells.append(f"({own:.3f})")
+                else:
+                    cells.append(f"{torch.nn.functional.cosine_similarity(means[a], means[b], dim=0):.3f}")
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _short(method: str) -> str:
@@ -88,7 +127,9 @@ def markdown(
 ) -> str:
     """The markdown report: targets, notes, seen / memorisation / unseen / fusion / cost tables, plots, settings."""
     seen, k = results["seen"], settings.best_of_k
-    lines = [f"# Benchmark `{preset}`: generated LoRAs vs originals, merges and controls", ""]
+    model = base_model_name(settings)
+    on_model = "" if settings.base_model == DEFAULT_BASE_MODEL else f" on {model}"
+    lines = [f"# Benchmark `{preset}`{on_model}: generated LoRAs vs originals, merges and controls", ""]
     lines += [
         f"Command: `{results['command']}`",
         "",
@@ -98,8 +139,9 @@ def markdown(
         "",
         "Held-out perplexity (lower is better) on each domain's test split; bits per character in the JSON. "
         "`desc` = conditioned on the task description (all-MiniLM-L6-v2); `ex` = in-context task vector (ICM-LoRA "
-        "Eq. 1, SmolLM2 hidden states over a few training texts). `mean` decodes z = 0; `best of k` draws k samples "
-        "and keeps the best on the validation split. `shuffled` = generated from the next domain's condition.",
+        f"Eq. 1, {FAMILY_NAMES.get(settings.base_model, model)} hidden states over a few training texts). `mean` "
+        "decodes z = 0; `best of k` draws k samples and keeps the best on the validation split. `shuffled` = "
+        "generated from the next domain's condition.",
         "",
         "## Targets",
         "",
@@ -204,6 +246,12 @@ def markdown(
             for method, scores in methods.items():
                 a, b = (scores[d]["perplexity"] for d in pair.split("+"))
                 lines.append(f"| {pair} | {method} | {a:.2f} | {b:.2f} | {(a + b) / 2:.2f} |")
+    if results.get("points"):
+        lines += [
+            "",
+            "## Task vectors: cosine between domains (in brackets: one example's vector to its domain's mean)",
+        ]
+        lines += task_vector_table(results["points"])
     cost_ = results["cost"]
     lines += ["", "## Cost", "", "| figure | value |", "|---|---|"]
     for key, value in cost_.items():
