@@ -232,6 +232,26 @@ def test_info_describes_bank_generator_and_adapter(workspace, capsys):
     assert "PEFT adapter" in capsys.readouterr().out
 
 
+def test_info_on_a_bank_reads_no_checkpoint(workspace, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from peft_cvae.data import LoraBank as Bank
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("info loaded the whole bank")
+
+    monkeypatch.setattr(Bank, "from_pretrained", refuse)
+    bank = tmp_path / "bank"
+    shutil.copytree(workspace["bank"], bank)
+    assert main(["info", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints:     9\n" in out and "conditions:      3 of 3 tasks, size 16" in out
+    assert "letters: 3 checkpoints (steps [18, 19, 20]) - repeated letters" in out
+    next(bank.glob("checkpoints/*.safetensors")).unlink()
+    assert main(["info", str(bank)]) == 0
+    assert "(1 listed but missing, e.g. checkpoints/" in capsys.readouterr().out
+
+
 def test_plot_writes_pngs(workspace, tmp_path):
     assert main(["plot", str(workspace["bank"]), "--output", str(tmp_path / "bank"), "--method", "tsne"]) == 0
     assert main(["plot", str(workspace["generator"]), "--output", str(tmp_path / "gen"), "--samples", "3"]) == 0

@@ -87,27 +87,77 @@ def provenance_lines(path) -> list[str]:
     return lines
 
 
+def safetensors_shapes(path) -> dict[str, list[int]]:
+    """The tensor shapes a safetensors file holds, from its JSON header alone (8 bytes of header length, then the
+    header): no tensor is read."""
+    from ..errors import CorruptFileError
+
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path} is not a safetensors file (its header cannot be read). Save the bank again.")
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def bank_lines(path) -> list[str]:
+    """What a bank folder holds, from its manifest and the conditions file's header only.
+
+    `LoraBank.from_pretrained` hashes and loads every checkpoint (and checks each value is finite): over a minute for
+    a few hundred checkpoints on a busy 2-core machine, to print a summary that needs none of their values. The
+    integrity of the files is checked whenever the bank is loaded for use (train, merge, plot)."""
+    from ..constants import CONDITIONS_NAME
+    from ..data import BANK_MANIFEST_NAME, _check_manifest_entries
+    from ..errors import CorruptFileError
+    from ..layout import LoraLayout
+
+    manifest_path = path / BANK_MANIFEST_NAME
+    try:
+        manifest = json.loads(read_text_file(manifest_path))
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(f"The bank manifest {manifest_path} is not valid JSON: {error}.") from error
+    if not isinstance(manifest, dict) or not all(
+        isinstance(manifest.get(name), kind)
+        for name, kind in (("layout", dict), ("tasks", list), ("checkpoints", list))
+    ):
+        raise CorruptFileError(
+            f"The bank manifest {manifest_path} lacks its layout, tasks or checkpoints. Save the bank again."
+        )
+    _check_manifest_entries(manifest, manifest_path)
+    layout = LoraLayout.from_dict(manifest["layout"])
+    encoder = manifest.get("condition_encoder")
+    conditions = safetensors_shapes(path / CONDITIONS_NAME) if (path / CONDITIONS_NAME).is_file() else {}
+    tasks = [task["name"] for task in manifest["tasks"]]
+    sizes = {tuple(shape) for task, shape in conditions.items() if task in tasks}
+    entries = manifest["checkpoints"]
+    missing = [entry["file"] for entry in entries if not (path / entry["file"]).is_file()]
+    lines = [f"LoRA bank:       {path} ({human_size(folder_size(path))})", *layout_lines(layout)]
+    lines.append(f"encoder:         {json.dumps(encoder) if encoder else 'not recorded'}")
+    size_text = ", ".join(str(size[0]) if len(size) == 1 else str(list(size)) for size in sorted(sizes)) or "-"
+    lines.append(
+        f"conditions:      {sum(task in conditions for task in tasks)} of {len(tasks)} tasks, size {size_text}"
+    )
+    lines.append(
+        f"checkpoints:     {len(entries)}"
+        + (f" ({len(missing)} listed but missing, e.g. {missing[0]}: the folder is incomplete)" if missing else "")
+    )
+    for task in manifest["tasks"]:
+        steps = [entry.get("step") for entry in entries if entry["task"] == task["name"]]
+        description = task.get("description") or "no description"
+        lines.append(f"  {task['name']}: {len(steps)} checkpoints (steps {steps}) - {description}")
+    return lines
+
+
 def run(args) -> int:
-    from ..data import BANK_MANIFEST_NAME, LoraBank
+    from ..data import BANK_MANIFEST_NAME
     from ..layout import LoraLayout
 
     path = existing_path(args.path, "folder")
     if (path / BANK_MANIFEST_NAME).is_file():
-        bank = LoraBank.from_pretrained(path)
-        lines = [f"LoRA bank:       {path} ({human_size(folder_size(path))})", *layout_lines(bank.layout)]
-        lines.append(
-            f"encoder:         {json.dumps(bank.condition_encoder) if bank.condition_encoder else 'not recorded'}"
-        )
-        sizes = {task: condition.numel() for task, condition in bank_conditions(bank).items()}
-        lines.append(
-            f"conditions:      {len(sizes)} of {len(bank.task_names)} tasks, size {set(sizes.values()) or '-'}"
-        )
-        lines.append(f"checkpoints:     {len(bank)}")
-        for task in bank.task_names:
-            steps = [checkpoint.step for checkpoint in bank.checkpoints_of(task)]
-            lines.append(
-                f"  {task}: {len(steps)} checkpoints (steps {steps}) - {bank.description(task) or 'no description'}"
-            )
+        lines = bank_lines(path)
     elif (path / "config.json").is_file() and json.loads(read_text_file(path / "config.json")).get(
         "model_type"
     ) == "peft_cvae":
