@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/scaling.py` imports benchmarks.bank_streaming for --streaming
+    sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "scaling.json"
 REPORT = REPO / "docs" / "benchmarks_scaling.md"
 
@@ -224,7 +226,7 @@ def _size_and_latency(generator, scratch: Path, record: dict) -> dict:
 # ---- the driver ---------------------------------------------------------------------------------------------------
 def measure(args) -> dict:
     results = {"settings": vars(args).copy(), "layouts": []}
-    for key in ("report_only", "worker", "worker_layers", "no_train"):
+    for key in ("report_only", "worker", "worker_layers", "no_train", "streaming", "scratch"):
         results["settings"].pop(key, None)
     for layout in LAYOUTS:
         full = layout.numel()
@@ -310,6 +312,11 @@ def write_report(results: dict) -> None:
     ]
     scaled = [f"{r['label']} on {r['num_layers']} layers" for r in results["layouts"] if r["scaled"]]
     laws = "\n".join(f"- `{key}` ~ N^{law['exponent']:.2f}" for key, law in results.get("growth", {}).items())
+    streaming = ""
+    if "streaming" in results:
+        from benchmarks.bank_streaming import report_section
+
+        streaming = report_section(results["streaming"], results["layouts"])
     settings = results["settings"]
     text = f"""# Scaling: memory and time against the size of the LoRA
 
@@ -331,7 +338,7 @@ on {settings["threads"]} CPU thread(s), each layout in a fresh process.
 
 Growth laws fitted over the layouts (N = numbers measured per checkpoint):
 {laws}
-"""
+{streaming}"""
     REPORT.write_text(text, encoding="utf-8")
     print(f"Wrote {REPORT}")
 
@@ -347,6 +354,31 @@ def main(argv=None) -> int:
         "--max-train-numel", type=int, default=8_000_000, help="measure larger layouts on a prefix of layers"
     )
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from the saved JSON")
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="measure banks streamed from disk (benchmarks/bank_streaming.py) and add them to the saved JSON",
+    )
+    parser.add_argument(
+        "--stream-checkpoints",
+        type=int,
+        nargs="+",
+        default=[26, 103, 512],
+        help="sizes of the streamed banks, in SmolLM2 r=16 all-linear checkpoints (19.5 MB each)",
+    )
+    parser.add_argument("--stream-tasks", type=int, default=16, help="tasks of each streamed bank")
+    parser.add_argument(
+        "--stream-parts",
+        nargs="+",
+        choices=["banks", "storage", "read"],
+        default=["banks", "storage", "read"],
+        help="which streaming measurements to (re)run; the others keep their saved results",
+    )
+    parser.add_argument(
+        "--storage-checkpoints", type=int, default=12, help="checkpoints of the safetensors-vs-Arrow comparison"
+    )
+    parser.add_argument("--stream-steps", type=int, default=10, help="training steps measured on a streamed bank")
+    parser.add_argument("--scratch", default=None, help="folder for the streamed banks (default: the temp folder)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-train", action="store_true", help=argparse.SUPPRESS)
@@ -357,6 +389,19 @@ def main(argv=None) -> int:
         return 0
     if args.report_only:
         write_report(json.loads(RESULTS.read_text()))
+        return 0
+    if args.streaming:
+        from benchmarks.bank_streaming import measure_streaming
+
+        results = json.loads(RESULTS.read_text())
+        settings = results.get("streaming", {}).get("settings", {})
+        results["streaming"] = measure_streaming(args, results.get("streaming"))
+        if "banks" in args.stream_parts:
+            keys = ("stream_checkpoints", "stream_tasks", "stream_steps", "batch_size")
+            settings = {**settings, **{key: getattr(args, key) for key in keys}}
+        results["streaming"]["settings"] = settings
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_report(results)
         return 0
     results = measure(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,11 @@ from .errors import CorruptFileError, InvalidConfigError, MissingFileError
 from .file_utils import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 
 __all__ = [
+    "BANK_FINGERPRINT_FORMAT",
     "CHECKPOINTS_FOLDER",
     "CHECKPOINT_PREFIX",
     "checkpoint_path",
-    "fingerprint",
+    "legacy_fingerprint",
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
@@ -55,6 +56,9 @@ RNG_STATE_NAME = "rng_state.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_FILES = (MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
 CHECKPOINT_FORMAT_VERSION = 1
+# How `run["bank_fingerprint"]` was computed: absent = a hash of the bank's data (before banks were streamed),
+# 2 = `LoraBank.fingerprint()`, from the checkpoints' recorded file hashes.
+BANK_FINGERPRINT_FORMAT = 2
 # Run arguments that must be equal for a resumed run to continue the interrupted one exactly.
 RESUME_MUST_MATCH = (
     "seed",
@@ -111,7 +115,12 @@ def resolve_resume(resume_from, output_dir: Path | None) -> Path | None:
     return path
 
 
-def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+def _check_same_run(saved: dict, current: dict, path: Path, legacy_bank_fingerprint=None) -> None:
+    if saved.get("bank_fingerprint_format") != current.get("bank_fingerprint_format") and legacy_bank_fingerprint:
+        # A checkpoint written before banks were streamed hashed the bank's data (see `legacy_fingerprint`): compare
+        # that, computed once by streaming the bank, and the checkpoint resumes as before.
+        if saved.get("bank_fingerprint") == legacy_bank_fingerprint():
+            saved = {**saved, "bank_fingerprint": current["bank_fingerprint"]}
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
         for key in RESUME_MUST_MATCH
@@ -125,12 +134,16 @@ def _check_same_run(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def fingerprint(tensors) -> str:
-    """A short hash of the training data, to tell a checkpoint of another bank apart."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+def legacy_fingerprint(bank) -> str:
+    """The bank fingerprint of checkpoints written before banks were streamed: a hash of the (K, N) float32 matrix of
+    the bank's vectors and the (K, cond) conditions, here computed chunk by chunk (the same bytes in the same order),
+    so an old run still resumes without holding the bank in memory."""
+    digest = hashlib.sha256(str((len(bank), bank.layout.numel)).encode())
+    for chunk in bank.iter_vectors():  # (B, N)
+        digest.update(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+    conditions = bank.checkpoint_conditions()  # (K, cond)
+    digest.update(str(tuple(conditions.shape)).encode())
+    digest.update(conditions.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -193,11 +206,14 @@ def save_checkpoint(directory, *, state_dict, optimizer, scheduler, scaler, nois
         write_json(trainer_state, staging / TRAINER_STATE_NAME)
 
 
-def load_checkpoint(directory: Path, run: dict, generator, optimizer, scheduler, scaler, noise_generator) -> dict:
+def load_checkpoint(
+    directory: Path, run: dict, generator, optimizer, scheduler, scaler, noise_generator, legacy_bank_fingerprint=None
+) -> dict:
     """Restore everything `save_checkpoint` wrote into live objects; returns the trainer state.
 
     Every file is read and checked before anything is restored, so a checkpoint of another run or a damaged one
-    raises without touching the generator or the optimizer.
+    raises without touching the generator or the optimizer. `legacy_bank_fingerprint` (a callable) gives the bank's
+    fingerprint as checkpoints written before `BANK_FINGERPRINT_FORMAT` computed it, for those.
     """
     trainer_state = read_json(directory / TRAINER_STATE_NAME, what="trainer state")
     if trainer_state.get("format_version") != CHECKPOINT_FORMAT_VERSION or not all(
@@ -209,7 +225,7 @@ def load_checkpoint(directory: Path, run: dict, generator, optimizer, scheduler,
         )
     if not isinstance(trainer_state["run"], dict):
         raise CorruptFileError(f"{directory / TRAINER_STATE_NAME} has no valid 'run' record; the file is damaged.")
-    _check_same_run(trainer_state["run"], run, directory)
+    _check_same_run(trainer_state["run"], run, directory, legacy_bank_fingerprint)
 
     model_state = read_safetensors(directory / MODEL_NAME, what="checkpoint model weights")
     expected = {key: tuple(value.shape) for key, value in generator.state_dict().items()}

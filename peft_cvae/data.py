@@ -10,20 +10,24 @@ A bank holds, in order, (task, step, state dict) checkpoints that all share one 
 
 Nothing is pickled; every file is JSON or safetensors (integrity: `peft_cvae.integrity`).
 
-Size of this file (~500 lines, over the ~400 guideline): one class, building (from checkpoints, adapter folders or Hub
-repos), reading and saving a bank; the shared pieces (adapter reading, Hub download and push, integrity) live in
-`adapter_io.py`, `hub.py` and `integrity.py`.
+Size of this file (~580 lines, over the ~400 guideline): one class, building (from checkpoints, adapter folders or Hub
+repos), reading (whole, per checkpoint, in chunks, as statistics) and saving a bank; the shared pieces (adapter
+reading, Hub download and push, integrity, the lazily read checkpoint files) live in `adapter_io.py`, `hub.py`,
+`integrity.py` and `bank_files.py`.
 """
 
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .adapter_io import adapter_library, load_adapter
+from .bank_files import CheckpointFiles, LoraCheckpoint
 from .constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -44,7 +48,7 @@ from .errors import (
 from .file_utils import atomic_directory, folder_lock, write_json, write_safetensors
 from .hub import download_from_hub, is_repo_id, push_folder_to_hub
 from .integrity import VerifiedFolder, write_integrity_record
-from .layout import LoraLayout
+from .layout import LoraLayout, RunningStatistics
 from .task_data import check_task_name
 
 __all__ = ["BANK_MANIFEST_NAME", "LoraBank", "LoraCheckpoint"]
@@ -53,6 +57,7 @@ ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)  # all that is read 
 # all a bank repo holds that is loaded
 BANK_FILE_PATTERNS = [BANK_MANIFEST_NAME, CONDITIONS_NAME, f"{BANK_CHECKPOINTS_FOLDER}/*.safetensors", INTEGRITY_NAME]
 BANK_CARD_TEMPLATE = Path(__file__).parent / "templates" / "bank_card.md"
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # rows `iter_vectors` reads at once when no chunk size is given
 
 
 def _check_manifest_entries(manifest: dict, where: Path) -> None:
@@ -93,15 +98,6 @@ def _check_manifest_entries(manifest: dict, where: Path) -> None:
             f"The bank manifest {where} has condition_encoder={manifest['condition_encoder']!r}; expected an object "
             "or null. Save the bank again with LoraBank.save_pretrained."
         )
-
-
-@dataclass
-class LoraCheckpoint:
-    """One LoRA checkpoint of a task: its PEFT state dict and the training step it was taken at (if known)."""
-
-    task: str
-    state_dict: dict[str, torch.Tensor]
-    step: int | None = None
 
 
 class LoraBank:
@@ -302,9 +298,74 @@ class LoraBank:
         return torch.stack([self.condition(task) for task in self.task_names])
 
     def vectors(self) -> torch.Tensor:
-        """Flat vectors of all checkpoints, in order. Shape (K, N)."""
+        """Flat vectors of all checkpoints, in order. Shape (K, N).
+
+        This loads the whole bank into one float32 tensor: fine for small banks, not for one larger than memory. Walk
+        a large bank with `vector(i)` or `iter_vectors(chunk_size)` instead (what `from_bank` and `train_generator`
+        do).
+        """
         self._check_trainable()
-        return torch.stack([self.layout.flatten(checkpoint.state_dict) for checkpoint in self.checkpoints])
+        return torch.stack([self.vector(index) for index in range(len(self))])
+
+    def vector(self, index: int) -> torch.Tensor:
+        """The flat float32 vector of checkpoint `index`, read from its file for a bank on disk. Shape (N,)."""
+        return self.layout.flatten(self.checkpoints[index].state_dict)
+
+    def iter_vectors(self, chunk_size: int | None = None, indices=None) -> Iterator[torch.Tensor]:
+        """Yield the flat vectors of the checkpoints (all, or `indices` in that order) in chunks of `chunk_size` rows,
+        each a (<= chunk_size, N) float32 tensor: memory holds one chunk, whatever the bank's size.
+
+        `chunk_size=None` picks as many rows as fit in `DEFAULT_CHUNK_BYTES` (at least one).
+        """
+        indices = range(len(self)) if indices is None else list(indices)
+        chunk_size = chunk_size or max(1, DEFAULT_CHUNK_BYTES // (4 * self.layout.numel))
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        for start in range(0, len(indices), chunk_size):
+            yield torch.stack([self.vector(index) for index in indices[start : start + chunk_size]])
+
+    def statistics(
+        self, *, chunk_size: int | None = None, task_means: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Normalisation statistics of the bank in one pass over its checkpoints, chunk by chunk.
+
+        Returns `offset` (N,) and `scale` (num_tensors,) as `LoraLayout.statistics(bank.vectors())` would (see
+        `RunningStatistics`: float64 accumulators of size N, never a copy of the bank), and with `task_means=True`
+        the mean raw vector of each task in `task_names` order (T, N) float32, else None.
+        """
+        self._check_trainable()
+        running = RunningStatistics(self.layout)
+        means = torch.zeros(len(self.task_names), self.layout.numel) if task_means else None  # (T, N)
+        for row, task in enumerate(self.task_names):
+            indices = [index for index, checkpoint in enumerate(self.checkpoints) if checkpoint.task == task]
+            total = torch.zeros(self.layout.numel, dtype=torch.float64) if task_means else None  # (N,)
+            for chunk in self.iter_vectors(chunk_size, indices):  # (B, N)
+                running.update(chunk)
+                if total is not None:
+                    total += chunk.double().sum(dim=0)
+            if means is not None:
+                means[row] = (total / len(indices)).float()
+        offset, scale = running.result()
+        return offset, scale, means
+
+    def fingerprint(self) -> str:
+        """A short hash that tells this bank's training data apart from any other's, computed from the checkpoints'
+        recorded file hashes, steps and tasks and the conditions, without reading the checkpoints (for a bank on
+        disk). A bank in memory and the same bank saved and loaded again have the same fingerprint."""
+        digest = hashlib.sha256(json.dumps(self.layout.to_dict(), sort_keys=True).encode())
+        for checkpoint in self.checkpoints:
+            digest.update(json.dumps([checkpoint.task, checkpoint.step, checkpoint.sha256]).encode())
+        conditions = self.condition_matrix()  # (T, cond)
+        digest.update(str(tuple(conditions.shape)).encode() + conditions.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def verify(self) -> None:
+        """Read every checkpoint once now (one at a time) and check it: its sha256 against the bank's record and its
+        values for NaN/Inf. A bank on disk is otherwise checked lazily, file by file, on first read; this raises
+        what a later read would (`CorruptFileError`, `MissingFileError`, `NonFiniteError`) at once."""
+        for checkpoint in self.checkpoints:
+            if checkpoint.on_disk:
+                checkpoint.state_dict  # noqa: B018  (the read checks it)
 
     def checkpoint_conditions(self) -> torch.Tensor:
         """The condition of each checkpoint's task, in checkpoint order. Shape (K, cond)."""
@@ -425,13 +486,20 @@ class LoraBank:
         *,
         revision: str | None = None,
         token: str | bool | None = None,
+        verify: bool = False,
     ) -> "LoraBank":
-        """Load a bank written by `save_pretrained`: a local folder, or a Hub dataset repo id pushed by `push_to_hub`.
+        """Open a bank written by `save_pretrained`: a local folder, or a Hub dataset repo id pushed by `push_to_hub`.
 
         A string that is not an existing folder but a valid repo id (`"user/my-bank"`) is downloaded from the Hub
         (only the manifest and safetensors files; `revision` and `token` apply to it). A `pathlib.Path` is always
-        local. Every file is read once and checked against the bank's integrity record (banks saved before it
-        existed: against the sha256 their manifest recorded) before it is parsed.
+        local.
+
+        Only the manifest and the conditions are read into memory (each checked against the bank's integrity record,
+        or for banks saved before it, against the sha256 their manifest recorded). Of each checkpoint file only the
+        header is read now (its dtype, keys and shapes must fit the layout); its tensors are read when asked for,
+        memory-mapped, and its hash and values are checked on that first read (`peft_cvae.bank_files`), so a bank
+        larger than memory opens in the time of reading its headers. `verify=True` checks every checkpoint at once
+        instead (`LoraBank.verify`: each file read once, one at a time).
         """
         root = None  # every checkpoint file must resolve (symlinks followed) to a path inside this folder
         if isinstance(directory, str) and not Path(directory).exists() and is_repo_id(directory):
@@ -447,7 +515,10 @@ class LoraBank:
             root = directory.parent.parent
         directory = Path(directory)
         with folder_lock(directory):
-            return cls._read(VerifiedFolder(directory, what="bank"), (root or directory).resolve())
+            bank = cls._read(VerifiedFolder(directory, what="bank"), (root or directory).resolve())
+            if verify:
+                bank.verify()
+        return bank
 
     @classmethod
     def _read(cls, files: VerifiedFolder, root: Path) -> "LoraBank":
@@ -466,6 +537,7 @@ class LoraBank:
             )
         _check_manifest_entries(manifest, directory / BANK_MANIFEST_NAME)
         bank = cls(LoraLayout.from_dict(manifest["layout"]), condition_encoder=manifest.get("condition_encoder"))
+        checkpoint_files = CheckpointFiles(files, bank.layout)
         for entry in manifest["checkpoints"]:
             relative = Path(entry["file"])
             path = directory / relative
@@ -479,16 +551,18 @@ class LoraBank:
                     f"The bank manifest lists {entry['file']} but {path} does not exist. The bank folder is "
                     "incomplete: copy or download all of it again."
                 )
-            state_dict = files.read_safetensors(
-                relative.as_posix(), what="bank checkpoint", expected_sha256=entry.get("sha256")
-            )
-            dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()})
-            if dtypes and dtypes != [bank.layout.dtype]:
-                raise CorruptFileError(
-                    f"The bank checkpoint {path} holds tensors of dtype {dtypes} but the bank's layout says "
-                    f"{bank.layout.dtype}. The file is corrupted or from another bank: save the bank again."
+            check_task_name(entry["task"])
+            name = relative.as_posix()
+            checkpoint_files.check_header(name, entry.get("sha256"))  # the header only; data is read when asked for
+            bank.checkpoints.append(
+                LoraCheckpoint(
+                    entry["task"],
+                    step=entry.get("step"),
+                    file=name,
+                    files=checkpoint_files,
+                    sha256=entry.get("sha256"),
                 )
-            bank.add_checkpoint(entry["task"], state_dict, entry.get("step"))
+            )
         descriptions = {task["name"]: task.get("description", "") for task in manifest["tasks"]}
         if manifest.get("conditions_sha256") is not None and not files.exists(CONDITIONS_NAME):
             raise MissingFileError(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from .errors import CorruptFileError, MissingFileError, NotWritableError
 
@@ -278,6 +278,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
     with _atomic_file(path) as temporary:
         save_file(tensors, str(temporary), metadata={"format": "pt", **(metadata or {})})
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata=None) -> bytes:
+    """The bytes `write_safetensors` writes for these tensors (so their sha256 is the saved file's)."""
+    tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
+    return save(tensors, metadata={"format": "pt", **(metadata or {})})
 
 
 def read_safetensors(path: str | os.PathLike, *, what: str = "weights file") -> dict[str, torch.Tensor]:

@@ -114,27 +114,47 @@ class VerifiedFolder:
     def read_bytes(self, name: str, *, what: str, expected_sha256: str | None = None) -> bytes:
         """The bytes of `folder/name`, read once and checked against the integrity record (or, for a folder saved
         before the record existed, against `expected_sha256`, the hash a bank manifest recorded)."""
+        path = self._existing(name, what)
+        data = path.read_bytes()
+        expected_sha256, source = self._expected(name, what, expected_sha256)
+        if expected_sha256 is not None:
+            self._compare(path, what, sha256_bytes(data), expected_sha256, source)
+        return data
+
+    def check_file(self, name: str, *, what: str, expected_sha256: str | None = None) -> bool:
+        """Hash `folder/name` in blocks (memory: one block, whatever the file's size) and check it as `read_bytes`
+        does, for a file that is then read memory-mapped rather than whole. False if no hash is known to check."""
+        path = self._existing(name, what)
+        expected_sha256, source = self._expected(name, what, expected_sha256)
+        if expected_sha256 is None:
+            return False
+        self._compare(path, what, sha256_file(path), expected_sha256, source)
+        return True
+
+    def _existing(self, name: str, what: str) -> Path:
         path = self.folder / name
         if not path.is_file():
             raise MissingFileError(f"The {what} {path} does not exist. The folder is incomplete: save it again.")
-        data = path.read_bytes()
-        if self.record is not None:
-            if name not in self.record:
-                raise CorruptFileError(
-                    f"The {what} {path} is not listed in the folder's integrity record ({INTEGRITY_NAME}): it was "
-                    "added after the folder was saved. Remove it, or save the folder again."
-                )
-            expected_sha256, source = self.record[name], f"the {self.what}'s integrity record"
-        else:
-            source = f"the {self.what} manifest"
-        found = sha256_bytes(data) if expected_sha256 is not None else None
-        if found is not None and found != expected_sha256:
+        return path
+
+    def _expected(self, name: str, what: str, expected_sha256: str | None) -> tuple[str | None, str]:
+        """The hash `name` must have and where it was recorded."""
+        if self.record is None:
+            return expected_sha256, f"the {self.what} manifest"
+        if name not in self.record:
+            raise CorruptFileError(
+                f"The {what} {self.folder / name} is not listed in the folder's integrity record ({INTEGRITY_NAME}): "
+                "it was added after the folder was saved. Remove it, or save the folder again."
+            )
+        return self.record[name], f"the {self.what}'s integrity record"
+
+    def _compare(self, path: Path, what: str, found: str, expected_sha256: str, source: str) -> None:
+        if found != expected_sha256:
             raise CorruptFileError(
                 f"The {what} {path} has sha256 {found[:12]}..., but {source} recorded {expected_sha256[:12]}... when "
                 f"it was saved: the file changed or was damaged since. Save or download it again, or copy or download "
                 f"the whole {self.what} again."
             )
-        return data
 
     def read_json(self, name: str, *, what: str, expected_sha256: str | None = None) -> dict:
         path = self.folder / name

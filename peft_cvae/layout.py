@@ -21,7 +21,7 @@ from .adapter_io import check_supported, load_adapter, lora_config_to_dict, lora
 from .diffusers_utils import get_diffusers_lora_state_dict, is_diffusers_unet
 from .errors import CorruptFileError, EmptyBankError, LayoutMismatchError, NonFiniteError, UnsupportedAdapterError
 
-__all__ = ["LIBRARIES", "LoraLayout", "lora_config_to_dict"]
+__all__ = ["LIBRARIES", "LoraLayout", "RunningStatistics", "lora_config_to_dict"]
 
 # LoraConfig fields that do not change what a saved adapter computes: where it came from, and settings of training
 # (dropout, the initialisation of the weights, the task head PEFT wraps the model for). Two adapters that differ only
@@ -253,12 +253,27 @@ class LoraLayout:
         """Concatenate the tensors in key order into one float32 vector of length `numel`."""
         self.check(state_dict)
         vector = torch.cat([state_dict[key].detach().reshape(-1).float().cpu() for key in self.keys])
-        if not torch.isfinite(vector).all():
-            bad = next(key for key in self.keys if not torch.isfinite(state_dict[key].float()).all())
+        # A float64 sum of float32 values cannot overflow, and a NaN or Inf makes it non-finite: one cheap reduction
+        # (a tenth of the time of isfinite(vector).all() on 42M numbers) tells exactly whether to look further.
+        if not torch.isfinite(vector.sum(dtype=torch.float64)):
+            self.check_finite(state_dict)
+        return vector
+
+    def check_finite(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Raise `NonFiniteError` naming the first tensor (in key order) that holds a NaN or an Inf."""
+        bad = next(
+            (
+                key
+                for key in self.keys
+                if not torch.isfinite(state_dict[key].sum(dtype=torch.float64))  # exact for float32 and narrower
+                and not torch.isfinite(state_dict[key].float()).all()  # a float64 sum may overflow: look
+            ),
+            None,
+        )
+        if bad is not None:
             raise NonFiniteError(
                 f"Tensor {bad!r} contains NaN or Inf. The checkpoint is broken (training diverged?); leave it out."
             )
-        return vector
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector back into a PEFT state dict (layout dtype, contiguous tensors)."""
@@ -278,17 +293,54 @@ class LoraLayout:
         return torch.repeat_interleave(torch.arange(len(self.keys)), torch.tensor(self.sizes))
 
     def statistics(self, vectors: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalisation statistics of a bank of flat vectors (K, numel).
+        """Normalisation statistics of a bank of flat vectors (K, numel), already in memory.
 
         Returns `offset` (numel,), the element-wise mean over the bank, and `scale` (num_tensors,), the standard
-        deviation of each tensor's values around that mean. A tensor that never varies gets scale 1.
+        deviation of each tensor's values around that mean. A tensor that never varies gets scale 1. A bank too large
+        for memory gives the same numbers through `RunningStatistics`, fed chunk by chunk (`LoraBank.statistics`).
         """
         if vectors.dim() != 2 or vectors.shape[1] != self.numel:
             raise LayoutMismatchError(f"Expected vectors of shape (K, {self.numel}), got {tuple(vectors.shape)}.")
-        vectors = vectors.double()
-        offset = vectors.mean(dim=0)
-        squared = (vectors - offset).pow(2).mean(dim=0)  # (numel,)
-        per_tensor = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, self.tensor_ids(), squared)
-        scale = (per_tensor / torch.tensor(self.sizes, dtype=torch.float64)).sqrt()
+        running = RunningStatistics(self)
+        running.update(vectors)
+        return running.result(eps)
+
+
+class RunningStatistics:
+    """`LoraLayout.statistics` in one pass over chunks of a bank: the memory is two float64 vectors of size N (the
+    running mean and the sum of squared deviations, Welford's update), whatever the number of checkpoints, instead of
+    float64 copies of the whole (K, N) bank.
+
+    Welford's update keeps the sum of squared deviations without subtracting two large sums, so it agrees with the
+    two-pass computation (mean first, then deviations from it) to float64 rounding.
+    """
+
+    def __init__(self, layout: LoraLayout):
+        self.layout = layout
+        self.count = 0
+        self.mean = torch.zeros(layout.numel, dtype=torch.float64)  # (N,)
+        self.squared_deviations = torch.zeros(layout.numel, dtype=torch.float64)  # (N,) sum of (x - mean)^2
+
+    def update(self, vectors: torch.Tensor) -> None:
+        """Add a chunk of flat vectors (B, N), one row at a time (each row a float64 temporary of size N)."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.layout.numel:
+            raise LayoutMismatchError(
+                f"Expected vectors of shape (B, {self.layout.numel}), got {tuple(vectors.shape)}."
+            )
+        for row in vectors:
+            self.count += 1
+            value = row.double()  # (N,)
+            delta = value - self.mean  # deviation from the old mean
+            self.mean.add_(delta, alpha=1.0 / self.count)
+            self.squared_deviations.addcmul_(delta, value.sub_(self.mean))  # x (deviation from the new mean)
+
+    def result(self, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`offset` (N,), `scale` (num_tensors,)) as `LoraLayout.statistics` defines them."""
+        if self.count == 0:
+            raise EmptyBankError("Normalisation statistics need at least one checkpoint; none was added.")
+        squared = self.squared_deviations / self.count  # (N,) mean squared deviation
+        ids = self.layout.tensor_ids()
+        per_tensor = torch.zeros(len(self.layout.keys), dtype=torch.float64).index_add_(0, ids, squared)
+        scale = (per_tensor / torch.tensor(self.layout.sizes, dtype=torch.float64)).sqrt()
         scale = torch.where(scale > eps, scale, torch.ones_like(scale))
-        return offset.float(), scale.float()
+        return self.mean.float(), scale.float()

@@ -224,8 +224,6 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidConfigError(f"seed must be an integer, got {seed!r}.")
-        vectors = bank.vectors()  # (K, N), raises if the bank is empty
-        offset, scale = bank.layout.statistics(vectors)
         config = PeftCVAEConfig(
             layout=bank.layout.to_dict(),
             condition_size=bank.condition_size,
@@ -233,6 +231,8 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             task_descriptions=[bank.description(task) for task in bank.task_names],
             **{"condition_encoder": bank.condition_encoder, **config_overrides},
         )
+        # One pass over the bank, chunk by chunk (a bank on disk is never loaded whole); raises if it is empty.
+        offset, scale, task_means = bank.statistics(task_means=config.task_memory)  # (N,), (num_tensors,), (T, N)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(config)
@@ -241,11 +241,9 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             model.param_scale.copy_(scale)
             model.task_conditions.copy_(bank.condition_matrix())
             if model.task_memory is not None:
-                normalized = model.normalize(vectors)  # (K, N)
-                tasks = [checkpoint.task for checkpoint in bank.checkpoints]
-                for index, task in enumerate(config.task_names):
-                    rows = [row for row, name in enumerate(tasks) if name == task]
-                    model.task_memory.task_means[index] = normalized[rows].mean(dim=0)
+                model.task_memory.task_means.copy_(
+                    model.normalize(task_means)
+                )  # the mean of normalised = normalised mean
         return model
 
     @classmethod

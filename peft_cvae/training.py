@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .bank_dataset import BankDataset
 from .checkpointing import (
+    BANK_FINGERPRINT_FORMAT,
     CHECKPOINTS_FOLDER,
     checkpoint_path,
-    fingerprint,
     latest_checkpoint,
+    legacy_fingerprint,
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -140,7 +142,14 @@ def train_generator(
     history, start_epoch = [], 0
     if resume_path is not None:
         state = load_checkpoint(
-            resume_path, loop.run, generator, loop.optimizer, loop.scheduler, accelerator.scaler, loop.noise_generator
+            resume_path,
+            loop.run,
+            generator,
+            loop.optimizer,
+            loop.scheduler,
+            accelerator.scaler,
+            loop.noise_generator,
+            legacy_bank_fingerprint=lambda: legacy_fingerprint(bank),
         )
         history, start_epoch = state["history"], state["epoch"]
         logger.info("Resumed from %s: %d of %d epochs done.", resume_path, start_epoch, args.epochs)
@@ -193,6 +202,19 @@ def _resolve_arguments(args: GeneratorTrainingArguments | None, kwargs: dict) ->
     if not isinstance(args, GeneratorTrainingArguments):
         raise InvalidConfigError(f"args must be a GeneratorTrainingArguments, got a {type(args).__name__}.")
     return dataclasses.replace(args, **kwargs) if kwargs else args
+
+
+def _loader_options(args: GeneratorTrainingArguments, accelerator: Accelerator) -> dict:
+    """DataLoader keywords from the arguments: workers that stay alive across epochs (they keep the bank's checked
+    files, `peft_cvae.bank_files`), read-ahead, and pinned memory where there is a GPU to copy to."""
+    options = {
+        "num_workers": args.dataloader_num_workers,
+        "pin_memory": args.dataloader_pin_memory and accelerator.device.type == "cuda",
+        "persistent_workers": args.dataloader_num_workers > 0,
+    }
+    if args.dataloader_prefetch_factor is not None:
+        options["prefetch_factor"] = args.dataloader_prefetch_factor
+    return options
 
 
 def _check_distributed(accelerator: Accelerator, args: GeneratorTrainingArguments) -> None:
@@ -268,8 +290,14 @@ class _Loop:
     @classmethod
     def prepare(cls, generator, bank, args: GeneratorTrainingArguments, accelerator: Accelerator) -> "_Loop":
         set_seed(args.seed)
-        dataset = TensorDataset(bank.vectors(), bank.checkpoint_conditions())  # (K, N), (K, cond)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochShuffleSampler(len(dataset), args.seed))
+        bank.condition_size  # noqa: B018  (raises EmptyBankError for a bank of fewer than 2 checkpoints)
+        dataset = BankDataset(bank)  # items (N,), (cond,): read from the bank one by one, never all at once
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), args.seed),
+            **_loader_options(args, accelerator),
+        )
         optimizer = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         model, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
         # The schedule counts optimizer steps of the global batch, so its state means the same on any number of
@@ -296,7 +324,8 @@ class _Loop:
             "mixed_precision": str(accelerator.mixed_precision),
             "early_stopping_patience": args.early_stopping_patience,
             "early_stopping_min_delta": args.early_stopping_min_delta,
-            "bank_fingerprint": fingerprint(dataset.tensors),
+            "bank_fingerprint": bank.fingerprint(),  # from the recorded file hashes: no pass over the data
+            "bank_fingerprint_format": BANK_FINGERPRINT_FORMAT,
         }
         noise_generator = torch.Generator().manual_seed(args.seed)  # reparameterisation noise, same on every process
         return cls(

@@ -83,12 +83,44 @@ class GeneratorTrainingArguments:
         default=1e-3, metadata={"help": "the smallest relative fall of the loss that counts as an improvement"}
     )
     show_progress: bool = field(default=True, metadata={"help": "show a progress bar (main process only)"})
+    # Names as in transformers.TrainingArguments. The bank is read checkpoint by checkpoint (BankDataset); workers read
+    # the next batches while a step trains, which matters when reading a batch takes as long as a step (large LoRAs).
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "processes that read bank checkpoints ahead of the training step (0: read in the training "
+            "process, between steps); each holds up to dataloader_prefetch_factor batches"
+        },
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=None,
+        metadata={"help": "batches each data-loader worker reads ahead (default: torch's, 2; needs workers)"},
+    )
+    dataloader_pin_memory: bool = field(
+        default=True,
+        metadata={"help": "read batches into pinned memory for faster copies to a GPU (ignored on CPU)"},
+    )
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if (
+            isinstance(self.dataloader_num_workers, bool)
+            or not isinstance(self.dataloader_num_workers, int)
+            or self.dataloader_num_workers < 0
+        ):
+            raise InvalidConfigError(
+                f"dataloader_num_workers must be an integer >= 0, got {self.dataloader_num_workers!r}."
+            )
+        if self.dataloader_prefetch_factor is not None and (
+            not _is_positive_int(self.dataloader_prefetch_factor) or self.dataloader_num_workers == 0
+        ):
+            raise InvalidConfigError(
+                f"dataloader_prefetch_factor={self.dataloader_prefetch_factor!r}: expected a positive integer, "
+                "together with dataloader_num_workers >= 1 (without workers nothing is read ahead), or None."
+            )
         for name in ("checkpoint_every", "keep_last_checkpoints"):
             value = getattr(self, name)
             if value is not None and not _is_positive_int(value):

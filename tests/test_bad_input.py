@@ -305,12 +305,16 @@ def test_bank_folder_with_a_nan_checkpoint_is_refused(saved, tmp_path):
     first = sorted(tensors)[0]
     tensors[first][0, 0] = float("nan")
     save_file(tensors, checkpoint)
+    # Checkpoints are checked on their first read (verify=True: all at once, as from_bank's pass over the bank does)
     with pytest.raises(CorruptFileError) as error:  # the manifest's checksum sees the change first
-        LoraBank.from_pretrained(folder)
+        LoraBank.from_pretrained(folder, verify=True)
     assert_says(error, "00002.safetensors has sha256", "integrity record recorded", "download the whole bank again")
     drop_checksums(folder)
     with pytest.raises(NonFiniteError) as error:
-        LoraBank.from_pretrained(folder)
+        LoraBank.from_pretrained(folder, verify=True)
+    assert_says(error, repr(first), "NaN or Inf")
+    with pytest.raises(NonFiniteError) as error:  # a lazy bank meets it when the checkpoint is read
+        LoraBank.from_pretrained(folder).vectors()
     assert_says(error, repr(first), "NaN or Inf")
 
 
@@ -371,8 +375,8 @@ def test_bank_checkpoint_with_a_flipped_bit_in_tensor_data_is_refused(saved, tmp
     data = bytearray(checkpoint.read_bytes())
     data[-3] ^= 0x01  # the low bits of a float32 near the end: a plausible, finite number
     checkpoint.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError) as error:
-        LoraBank.from_pretrained(folder)
+    with pytest.raises(CorruptFileError) as error:  # the header is intact: met on the first read of the data
+        LoraBank.from_pretrained(folder, verify=True)
     assert_says(error, "00004.safetensors has sha256", "integrity record recorded")
     drop_checksums(folder)
     assert len(LoraBank.from_pretrained(folder)) == 12  # without the checksum it would load silently
@@ -734,8 +738,8 @@ def test_bank_repo_with_a_changed_checkpoint_on_the_hub_is_refused(hub_env, save
     api = HfApi()
     repo_id = api.create_repo("user/changed-bank", repo_type="dataset").repo_id
     api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset")
-    with pytest.raises(CorruptFileError) as error:
-        LoraBank.from_pretrained(repo_id)
+    with pytest.raises(CorruptFileError) as error:  # checkpoints are checked on first read; verify=True: all now
+        LoraBank.from_pretrained(repo_id, verify=True)
     assert_says(error, "00001.safetensors has sha256", "integrity record recorded")
 
 

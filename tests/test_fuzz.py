@@ -156,7 +156,7 @@ def files_of(folder: Path) -> list[str]:
 def check_bank(folder: Path) -> str:
     try:
         with time_limit():
-            bank = LoraBank.from_pretrained(folder)
+            bank = LoraBank.from_pretrained(folder, verify=True)  # checkpoints are otherwise checked on first read
     except PeftCVAEError as error:
         return type(error).__name__
     for checkpoint in bank.checkpoints:
