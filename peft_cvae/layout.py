@@ -253,9 +253,9 @@ class LoraLayout:
         """Concatenate the tensors in key order into one float32 vector of length `numel`."""
         self.check(state_dict)
         vector = torch.cat([state_dict[key].detach().reshape(-1).float().cpu() for key in self.keys])
-        # A float64 sum of float32 values cannot overflow, and a NaN or Inf makes it non-finite: one cheap reduction
-        # (a tenth of the time of isfinite(vector).all() on 42M numbers) tells exactly whether to look further.
-        if not torch.isfinite(vector.sum(dtype=torch.float64)):
+        # A NaN or Inf makes the sum non-finite, so one cheap reduction (far cheaper than isfinite(vector).all() on 42M
+        # numbers) clears the common case; a sum that overflowed only sends us to the exact check.
+        if not torch.isfinite(vector.sum()):
             self.check_finite(state_dict)
         return vector
 
@@ -265,8 +265,8 @@ class LoraLayout:
             (
                 key
                 for key in self.keys
-                if not torch.isfinite(state_dict[key].sum(dtype=torch.float64))  # exact for float32 and narrower
-                and not torch.isfinite(state_dict[key].float()).all()  # a float64 sum may overflow: look
+                if not torch.isfinite(state_dict[key].sum())  # finite: no NaN/Inf; else look (it may have overflowed)
+                and not torch.isfinite(state_dict[key].float()).all()
             ),
             None,
         )
