@@ -291,7 +291,14 @@ def test_cost_estimate_is_exact_on_disk_and_kept_steps_match_training(model_and_
 def test_held_out_perplexity_is_reported_before_and_after(model_and_tokenizer):
     from peft_cvae.evaluation import evaluate_language_model
 
-    base, tokenizer = model_and_tokenizer
+    _, tokenizer = model_and_tokenizer
+    base = tiny_llama(  # a fresh base: other tests inject LoRA layers into the shared one (get_peft_model is in place)
+        vocab_size=len(tokenizer),
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     held_out = CORPUS[:1]  # a training text, so that a dozen steps surely lower its perplexity
     task = TaskData("numbers", "lists of numbers", texts=CORPUS[:4], test_texts=["", *held_out])
     assert task.test_texts == held_out  # empty texts dropped
