@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         "--max-train-numel", type=int, default=8_000_000, help="measure larger layouts on a prefix of layers"
     )
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from the saved JSON")
-    parser.add_argument("--architecture", choices=sorted(ARCHITECTURE_RESULTS), default="conv", help="generator design")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURE_RESULTS), default="conv", help="generator")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-train", action="store_true", help=argparse.SUPPRESS)

@@ -118,7 +118,7 @@ class TokenLayout:
         return {name: torch.cat(parts).to(device) for name, parts in ids.items()}
 
     def tokenize(self, flat: torch.Tensor) -> torch.Tensor:
-        """(B, N) -> (B, L, P): lora_A read as A^T, each tensor's rows grouped in blocks, the last block zero-padded."""
+        """(B, N) -> (B, L, P): lora_A read as A^T, each tensor's rows in blocks, the last block zero-padded."""
         batch, pieces = flat.shape[0], []
         for tensor in self.tensors:
             piece = flat[:, tensor.start : tensor.start + tensor.size]
@@ -159,7 +159,8 @@ class TokenEmbedding(nn.Module):
         if device not in self._ids:
             self._ids[device] = self._tokens.token_ids(device)
         ids = self._ids[device]
-        return self.layer(ids["layer"]) + self.module(ids["module"]) + self.kind(ids["kind"]) + self.block(ids["block"])
+        layer_and_module = self.layer(ids["layer"]) + self.module(ids["module"])
+        return layer_and_module + self.kind(ids["kind"]) + self.block(ids["block"])
 
 
 class TrunkBlock(nn.Module):

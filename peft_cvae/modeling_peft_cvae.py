@@ -49,11 +49,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .canonical import canonicalize
 from .configuration_peft_cvae import PeftCVAEConfig
 from .constants import (
     CARD_NAME,
 )
-from .canonical import canonicalize
 from .errors import ConditionError, CorruptFileError, InvalidConfigError, LayoutMismatchError
 from .factorised import FactorisedDecoder, FactorisedEncoder, TokenLayout
 from .file_utils import atomic_directory, folder_lock
@@ -183,7 +183,8 @@ class TaskMemory(nn.Module):
         # A compact memory is widened a slice of columns at a time: never a full-precision (T, N) copy.
         mixed = weights.new_empty(weights.shape[0], self.task_means.shape[1])  # (B, N)
         for start in range(0, self.task_means.shape[1], MEMORY_CHUNK):
-            mixed[:, start : start + MEMORY_CHUNK] = weights @ self.task_means[:, start : start + MEMORY_CHUNK].to(weights)
+            columns = slice(start, start + MEMORY_CHUNK)
+            mixed[:, columns] = weights @ self.task_means[:, columns].to(weights)
         return mixed
 
 
