@@ -1,5 +1,11 @@
 """`PeftCVAEGenerator`: a conditional VAE over flattened LoRA checkpoints (after ICM-LoRA, 2025).
 
+Two networks, chosen by `config.architecture`: `"conv"` (below; the default, and what every generator saved before
+the field existed is) and `"factorised"` (`peft_cvae/factorised.py`: row-block tokens with layer / module / A-B /
+block embeddings and one head shared by all layers, whose size does not grow with N). Both share everything else in
+this file: normalisation, the optional canonical form of the LoRA factors (`peft_cvae/canonical.py`, applied to the
+raw vectors before normalisation), the task memory (float32 or bfloat16), the loss, saving and loading.
+
 How a LoRA checkpoint becomes something a small network can model
 ------------------------------------------------------------------
 1. `LoraLayout.flatten` turns the PEFT state dict into one vector of N numbers (N = 460,800 for SmolLM2-135M with
