@@ -130,10 +130,11 @@ class TokenLayout:
 
     def untokenize(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, P) -> (B, N), the inverse of `tokenize` (padding dropped)."""
-        batch, pieces, first = tokens.shape[0], [], 0
-        for tensor in self.tensors:
-            piece = tokens[:, first : first + tensor.num_blocks].reshape(batch, -1)[:, : tensor.size]
-            first += tensor.num_blocks
+        batch, pieces = tokens.shape[0], []
+        # one split, not a slice per tensor: each slice's backward would write a zero tensor as large as all tokens
+        blocks = tokens.split([tensor.num_blocks for tensor in self.tensors], dim=1)
+        for tensor, block in zip(self.tensors, blocks):
+            piece = block.reshape(batch, -1)[:, : tensor.size]
             if tensor.kind == KIND_A:
                 oriented = (*tensor.shape[1:], tensor.shape[0])  # (in, ..., r)
                 piece = piece.reshape(batch, *oriented).movedim(-1, 1).reshape(batch, -1)
