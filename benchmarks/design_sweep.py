@@ -146,7 +146,7 @@ Held-out controls (mean answer NLL):
 """
 
 
-def run(preset: str, cache: Path, seen_tasks: int) -> dict:
+def run(preset: str, cache: Path, seen_tasks: int, designs: list[str], save=None) -> dict:
     """The benchmark's pipeline, lean: description conditions only, the designs scored on `seen_tasks` bank tasks and
     on every held-out task from its own description (no shuffled or random-string runs). Cache keys are the
     benchmark's own, so its cached LoRAs, generators and scores are reused and vice versa."""
@@ -167,7 +167,7 @@ def run(preset: str, cache: Path, seen_tasks: int) -> dict:
     names = [task.name for task in bank_tasks]
     descriptions = {task.name: task.description for task in bank_tasks}
     bank = pipeline.condition_bank(bank_loras, vectors["description"], text_encoder.to_dict(), descriptions)
-    pipeline.GENERATOR_VARIANTS = dict(DESIGNS)
+    pipeline.GENERATOR_VARIANTS = {name: DESIGNS[name] for name in designs}
     generators = pipeline.train_generators({"description": bank}, settings, cache)
     lora_key = settings.key(pipeline.LORA_FIELDS)
     bank_means = torch.stack([pipeline.mean_vector(bank_loras[name]["bank"]) for name in names])  # (T, N)
@@ -211,6 +211,8 @@ def run(preset: str, cache: Path, seen_tasks: int) -> dict:
                 label: scorer.score(task, label, key, vector) for label, (key, vector) in candidates.items()
             }
             print(role, task.name, {k: round(v["answer_nll"], 4) for k, v in results[role][task.name].items()})
+            if save is not None:  # after every task: a long run stopped early keeps what it scored
+                save({**results, "split": split})
     results["split"] = split
     return results
 
@@ -221,22 +223,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--seen-tasks", type=int, default=1, help="bank tasks scored (each costs a scoring pass)")
+    parser.add_argument("--designs", nargs="*", default=list(DESIGNS), choices=list(DESIGNS), help="names of DESIGNS")
     args = parser.parse_args(argv)
-    results = run(args.preset, args.cache_dir, args.seen_tasks)
-    sweep = {
-        "preset": args.preset,
-        "bank_tasks": len(results["split"]["train"]),
-        "heldout_tasks": len(results["heldout"]),
-        "seen_tasks": len(results["seen"]),
-        "rows": sweep_rows(results),
-        "controls": controls(results),
-        "scores": {"seen": results["seen"], "heldout": results["heldout"]},
-    }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep, args.output_dir / f"design_sweep_{args.preset}.json")
-    text = markdown(sweep)
-    (args.output_dir / f"design_sweep_{args.preset}.md").write_text(text, encoding="utf-8")
-    print(text)
+
+    def save(results: dict) -> dict:
+        sweep = {
+            "preset": args.preset,
+            "bank_tasks": len(results["split"]["train"]),
+            "heldout_tasks": len(results["heldout"]),
+            "seen_tasks": len(results["seen"]),
+            "rows": sweep_rows(results),
+            "controls": controls(results),
+            "scores": {"seen": results["seen"], "heldout": results["heldout"]},
+        }
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(sweep, args.output_dir / f"design_sweep_{args.preset}.json")
+        (args.output_dir / f"design_sweep_{args.preset}.md").write_text(markdown(sweep), encoding="utf-8")
+        return sweep
+
+    sweep = save(run(args.preset, args.cache_dir, args.seen_tasks, args.designs, save))
+    print(markdown(sweep))
     return sweep
 
 

@@ -231,9 +231,11 @@ def _size_and_latency(generator, scratch: Path, record: dict) -> dict:
 # ---- the driver ---------------------------------------------------------------------------------------------------
 def measure(args) -> dict:
     results = {"settings": vars(args).copy(), "layouts": []}
-    for key in ("report_only", "worker", "worker_layers", "no_train"):
+    for key in ("report_only", "worker", "worker_layers", "no_train", "layouts"):
         results["settings"].pop(key, None)
     for layout in LAYOUTS:
+        if args.layouts and layout.label not in args.layouts:
+            continue
         full = layout.numel()
         num_layers = None
         if full > args.max_train_numel:  # measure on a prefix of layers with the same tensor shapes, then scale
@@ -380,6 +382,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from the saved JSON")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURE_RESULTS), default="conv", help="generator")
+    parser.add_argument("--layouts", nargs="*", default=None, help="labels of LAYOUTS to measure (default: all)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-train", action="store_true", help=argparse.SUPPRESS)
