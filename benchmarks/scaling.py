@@ -180,7 +180,8 @@ def worker(layout: Layout, num_layers: int | None, args, train: bool = True) -> 
         record["open_peak_rss_mb"] = _rss_mb("VmHWM")
 
         _reset_peak_rss()
-        overrides = {} if args.architecture == "conv" else {"architecture": args.architecture}
+        architecture = getattr(args, "architecture", "conv")
+        overrides = {} if architecture == "conv" else {"architecture": architecture}
         generator = PeftCVAEGenerator.from_bank(bank, **overrides)
         record["from_bank_peak_rss_mb"] = _rss_mb("VmHWM")
         record["generator_parameters"] = generator.num_parameters()

@@ -27,3 +27,15 @@ def test_worker_measures_a_tiny_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(scaling, "REPORT", tmp_path / "report.md")
     scaling.write_report(results)
     assert "| tiny | " in (tmp_path / "report.md").read_text()
+
+
+def test_worker_measures_the_factorised_generator():
+    layout = scaling.Layout("tiny", scaling.ModelShape("tiny", num_layers=2, hidden=16, kv=8, intermediate=32), 2,
+                            scaling.ALL_LINEAR)  # fmt: skip
+    args = argparse.Namespace(
+        tasks=2, checkpoints_per_task=2, batch_size=2, train_steps=2, threads=1, architecture="factorised"
+    )
+    record = scaling.worker(layout, None, args)
+    assert record["activation_bytes_per_number_per_sample"] > 0 and record["generate_seconds"] > 0
+    conv = scaling.worker(layout, None, argparse.Namespace(**{**vars(args), "architecture": "conv"}))
+    assert record["generator_parameters"] != conv["generator_parameters"]  # the option reached from_bank
