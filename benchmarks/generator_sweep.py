@@ -38,6 +38,18 @@ VARIANTS = {  # name -> settings changed relative to the preset
         "generator_epochs_factor": 6,
     },
     "wider and deeper (64 ch, 6 layers)": {"generator_overrides": {"hidden_channels": 64, "num_layers": 6}},
+    # the factorised network (peft_cvae/factorised.py) with the preset's task memory in bfloat16, and with the SVD
+    # canonical form (its distances to checkpoints compare canonical factors with raw ones: read its PPL ratio)
+    "factorised, bf16 memory": {
+        "generator_overrides": {"architecture": "factorised", "task_memory_dtype": "bfloat16"},
+    },
+    "factorised, bf16 memory, svd": {
+        "generator_overrides": {
+            "architecture": "factorised",
+            "task_memory_dtype": "bfloat16",
+            "canonical_form": "svd",
+        },
+    },
 }
 
 

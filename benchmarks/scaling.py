@@ -20,6 +20,11 @@ and scaled, so the benchmark fits this 24 GB machine; the report says which rows
 
     python benchmarks/scaling.py                  # all four layouts, writes benchmarks/results/scaling.json + report
     python benchmarks/scaling.py --report-only    # regenerate docs/benchmarks_scaling.md from the JSON
+    python benchmarks/scaling.py --architecture factorised   # the factorised generator: scaling_factorised.json
+
+The default (`--architecture conv`) measures `from_bank(bank)` as it is today; `--architecture factorised` measures
+`from_bank(bank, architecture="factorised")` (peft_cvae/factorised.py) and writes its own JSON, which the report shows
+as a second table next to the conv one.
 """
 
 import argparse
@@ -38,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/scaling.py` imports benchmarks.bank_streaming for --streaming
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "scaling.json"
+ARCHITECTURE_RESULTS = {"conv": RESULTS, "factorised": RESULTS.with_name("scaling_factorised.json")}
 REPORT = REPO / "docs" / "benchmarks_scaling.md"
 
 
@@ -176,7 +182,9 @@ def worker(layout: Layout, num_layers: int | None, args, train: bool = True) -> 
         record["open_peak_rss_mb"] = _rss_mb("VmHWM")
 
         _reset_peak_rss()
-        generator = PeftCVAEGenerator.from_bank(bank)
+        architecture = getattr(args, "architecture", "conv")
+        overrides = {} if architecture == "conv" else {"architecture": architecture}
+        generator = PeftCVAEGenerator.from_bank(bank, **overrides)
         record["from_bank_peak_rss_mb"] = _rss_mb("VmHWM")
         record["generator_parameters"] = generator.num_parameters()
         record["generator_numel_with_buffers"] = sum(t.numel() for t in generator.state_dict().values())
@@ -226,9 +234,11 @@ def _size_and_latency(generator, scratch: Path, record: dict) -> dict:
 # ---- the driver ---------------------------------------------------------------------------------------------------
 def measure(args) -> dict:
     results = {"settings": vars(args).copy(), "layouts": []}
-    for key in ("report_only", "worker", "worker_layers", "no_train", "streaming", "scratch"):
+    for key in ("report_only", "worker", "worker_layers", "no_train", "streaming", "scratch", "layouts"):
         results["settings"].pop(key, None)
     for layout in LAYOUTS:
+        if args.layouts and layout.label not in args.layouts:
+            continue
         full = layout.numel()
         num_layers = None
         if full > args.max_train_numel:  # measure on a prefix of layers with the same tensor shapes, then scale
@@ -304,12 +314,37 @@ def _peak_over_bank(record: dict, key: str) -> str:
     return f"{grown:,.0f} MB ({grown / (record['bank_bytes'] / 2**20):.1f} x)"
 
 
-def write_report(results: dict) -> None:
-    table = [
+def _table(results: dict) -> list[str]:
+    return [
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(cell(record) for _, cell in COLUMNS) + " |" for record in results["layouts"]),
     ]
+
+
+def _factorised_section() -> str:
+    """The factorised generator's table, when `--architecture factorised` has been run."""
+    path = ARCHITECTURE_RESULTS["factorised"]
+    if not path.is_file():
+        return ""
+    results = json.loads(path.read_text())
+    laws = "\n".join(f"- `{key}` ~ N^{law['exponent']:.2f}" for key, law in results.get("growth", {}).items())
+    return f"""
+## The factorised generator
+
+`python benchmarks/scaling.py --architecture factorised`: `from_bank(bank, architecture="factorised")` (tokens per
+row block with layer / module / A-B / block embeddings, one shared head; peft_cvae/factorised.py), same banks and
+settings, from `benchmarks/results/scaling_factorised.json`.
+
+{chr(10).join(_table(results))}
+
+Growth laws fitted over the layouts:
+{laws}
+"""
+
+
+def write_report(results: dict) -> None:
+    table = _table(results)
     scaled = [f"{r['label']} on {r['num_layers']} layers" for r in results["layouts"] if r["scaled"]]
     laws = "\n".join(f"- `{key}` ~ N^{law['exponent']:.2f}" for key, law in results.get("growth", {}).items())
     streaming = ""
@@ -338,7 +373,7 @@ on {settings["threads"]} CPU thread(s), each layout in a fresh process.
 
 Growth laws fitted over the layouts (N = numbers measured per checkpoint):
 {laws}
-{streaming}"""
+{_factorised_section()}{streaming}"""
     REPORT.write_text(text, encoding="utf-8")
     print(f"Wrote {REPORT}")
 
@@ -379,6 +414,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--stream-steps", type=int, default=10, help="training steps measured on a streamed bank")
     parser.add_argument("--scratch", default=None, help="folder for the streamed banks (default: the temp folder)")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURE_RESULTS), default="conv", help="generator")
+    parser.add_argument("--layouts", nargs="*", default=None, help="labels of LAYOUTS to measure (default: all)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-train", action="store_true", help=argparse.SUPPRESS)
@@ -405,7 +442,9 @@ def main(argv=None) -> int:
         return 0
     results = measure(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    ARCHITECTURE_RESULTS[args.architecture].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.architecture != "conv":
+        results = json.loads(RESULTS.read_text())  # the report's first table stays the conv one
     write_report(results)
     return 0
 

@@ -9,6 +9,10 @@ from .layout import LoraLayout
 
 __all__ = ["PeftCVAEConfig"]
 
+ARCHITECTURES = ("conv", "factorised")
+CANONICAL_FORMS = (None, "svd")
+TASK_MEMORY_DTYPES = ("float32", "bfloat16")
+
 
 class PeftCVAEConfig(PretrainedConfig):
     r"""
@@ -30,8 +34,9 @@ class PeftCVAEConfig(PretrainedConfig):
             patch_size.
         hidden_channels (`int`, defaults to 128):
             Channels of the 1-D convolution stacks.
-        num_layers (`int`, defaults to 12):
-            Residual 1-D convolution blocks in the encoder, and again in the decoder (12 each in ICM-LoRA).
+        num_layers (`int`, defaults to 12 for `architecture="conv"`, 4 for `"factorised"`):
+            Residual blocks in the encoder, and again in the decoder: 1-D convolutions (12 each in ICM-LoRA) or
+            per-token MLPs (factorised).
         kernel_size (`int`, defaults to 3):
             Kernel size of those convolutions, over the token axis. Odd, so the length is kept.
         kl_weight (`float`, defaults to 0.005):
@@ -53,6 +58,22 @@ class PeftCVAEConfig(PretrainedConfig):
             checkpoint's size per task. Use it when the plain decoder decodes close to the bank mean for every task
             (see docs/benchmarks_full_cpu.md): its shared output projection cannot express arbitrary per-task
             differences. Keep many checkpoints per task (docs/benchmarks.md: 40) so the memory stays a small share.
+        architecture (`str`, defaults to `"conv"`):
+            `"conv"`: the ICM-LoRA-style network, patches of `patch_size` numbers with one free position embedding
+            per patch and 1-D convolutions along them (size and activations grow with N). `"factorised"`: one token
+            per block of `block_rows` rows of each LoRA tensor, embedded by layer index + module type + A/B + block
+            index, a condition-modulated MLP trunk per token and one output head shared by every layer (as
+            Text-to-LoRA's hypernetwork); parameters do not grow with N (see `peft_cvae.factorised`).
+        block_rows (`int`, defaults to 64):
+            Factorised only: rows (input features of lora_A, output features of lora_B, each a vector of r numbers)
+            per token; a token holds `block_rows * r` numbers.
+        canonical_form (`str`, *optional*):
+            `"svd"`: re-factorise every (lora_A, lora_B) pair before the network sees it, B' = U sqrt(S),
+            A' = sqrt(S) V^T from the SVD of B @ A (see `peft_cvae.canonical`), so that checkpoints that compute the
+            same update have the same numbers. Generated adapters are written in that form (same rank, same keys).
+        task_memory_dtype (`str`, defaults to `"float32"`):
+            Storage dtype of the task memory, `"float32"` or `"bfloat16"` (half the bytes; the mix is computed in
+            float32).
     """
 
     model_type = "peft_cvae"
@@ -62,7 +83,7 @@ class PeftCVAEConfig(PretrainedConfig):
     latent_size: int = 64
     patch_size: int = 256
     hidden_channels: int = 128
-    num_layers: int = 12
+    num_layers: int | None = None
     kernel_size: int = 3
     kl_weight: float = 0.005
     task_names: list[str] | None = None
@@ -70,6 +91,10 @@ class PeftCVAEConfig(PretrainedConfig):
     condition_encoder: dict | None = None
     initializer_range: float = 0.02
     task_memory: bool = False
+    architecture: str = "conv"
+    block_rows: int = 64
+    canonical_form: str | None = None
+    task_memory_dtype: str = "float32"
 
     def __post_init__(self, **kwargs):
         for name in ("task_names", "task_descriptions"):
@@ -102,7 +127,30 @@ class PeftCVAEConfig(PretrainedConfig):
         self.task_descriptions = list(self.task_descriptions or [""] * len(self.task_names))
         if len(set(self.task_names)) != len(self.task_names):
             raise InvalidConfigError(f"PeftCVAEConfig.task_names has repeated names: {self.task_names}.")
-        for name in ("condition_size", "latent_size", "patch_size", "hidden_channels", "num_layers", "kernel_size"):
+        if self.architecture not in ARCHITECTURES:
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}."
+            )
+        if self.num_layers is None:
+            self.num_layers = 12 if self.architecture == "conv" else 4
+        if self.canonical_form not in CANONICAL_FORMS:
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.canonical_form must be one of {list(CANONICAL_FORMS)}, got {self.canonical_form!r}."
+            )
+        if self.task_memory_dtype not in TASK_MEMORY_DTYPES:
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.task_memory_dtype must be one of {list(TASK_MEMORY_DTYPES)}, got "
+                f"{self.task_memory_dtype!r}."
+            )
+        for name in (
+            "condition_size",
+            "latent_size",
+            "patch_size",
+            "hidden_channels",
+            "num_layers",
+            "kernel_size",
+            "block_rows",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidConfigError(
@@ -139,5 +187,9 @@ class PeftCVAEConfig(PretrainedConfig):
 
     @property
     def num_tokens(self) -> int:
-        """Number of patches (tokens) the flat vector is cut into."""
+        """Number of tokens the flat vector is cut into (patches, or factorised row blocks)."""
+        if self.architecture == "factorised":
+            from .factorised import TokenLayout
+
+            return TokenLayout(self.lora_layout, self.block_rows).num_tokens
         return sum(-(-size // self.patch_size) for size in self.lora_layout.sizes)

@@ -325,13 +325,14 @@ class LoraBank:
             yield torch.stack([self.vector(index) for index in indices[start : start + chunk_size]])
 
     def statistics(
-        self, *, chunk_size: int | None = None, task_means: bool = False
+        self, *, chunk_size: int | None = None, task_means: bool = False, transform=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Normalisation statistics of the bank in one pass over its checkpoints, chunk by chunk.
 
         Returns `offset` (N,) and `scale` (num_tensors,) as `LoraLayout.statistics(bank.vectors())` would (see
         `RunningStatistics`: float64 accumulators of size N, never a copy of the bank), and with `task_means=True`
-        the mean raw vector of each task in `task_names` order (T, N) float32, else None.
+        the mean raw vector of each task in `task_names` order (T, N) float32, else None. `transform` maps each chunk
+        (B, N) -> (B, N) before it is counted (the generator's canonical form: statistics of what the network sees).
         """
         self._check_trainable()
         running = RunningStatistics(self.layout)
@@ -340,6 +341,8 @@ class LoraBank:
             indices = [index for index, checkpoint in enumerate(self.checkpoints) if checkpoint.task == task]
             total = torch.zeros(self.layout.numel, dtype=torch.float64) if task_means else None  # (N,)
             for chunk in self.iter_vectors(chunk_size, indices):  # (B, N)
+                if transform is not None:
+                    chunk = transform(chunk)
                 running.update(chunk)
                 if total is not None:
                     total += chunk.double().sum(dim=0)

@@ -34,6 +34,15 @@ _SIZE_EVIDENCE = (
     ("kernel_size", "encoder.blocks.0.conv.weight", 2),
     ("numel", "param_offset", 0),
 )
+_FACTORISED_SIZE_EVIDENCE = (  # architecture="factorised": sizes derived from the layout and block_rows
+    ("hidden_channels", "encoder.token_projection.weight", 0),
+    ("block_size", "encoder.token_projection.weight", 1),
+    ("max_blocks", "encoder.embedding.block.weight", 0),
+    ("num_layer_ids", "encoder.embedding.layer.weight", 0),
+    ("condition_size", "task_conditions", 1),
+    ("latent_size", "decoder.latent_projection.weight", 1),
+    ("numel", "param_offset", 0),
+)
 
 
 def _find_generator_file(path, name: str, kwargs: dict) -> Path | None | bool:
@@ -136,10 +145,18 @@ def read_generator(files: VerifiedFolder, where) -> tuple[PeftCVAEConfig, dict[s
 def _check_weights_fit_config(config: PeftCVAEConfig, state_dict: dict[str, torch.Tensor], where) -> None:
     """Raise `CorruptFileError` if the config's sizes contradict the weights file: the network is built from the
     config, so a config edited to huge sizes would otherwise allocate or loop before transformers compares shapes."""
+    evidence = _SIZE_EVIDENCE
     sizes = {name: getattr(config, name, None) for name, _, _ in _SIZE_EVIDENCE if name != "numel"}
+    if config.architecture == "factorised":
+        from .factorised import TokenLayout
+
+        evidence = _FACTORISED_SIZE_EVIDENCE
+        tokens = TokenLayout(config.lora_layout, config.block_rows)
+        sizes = {name: getattr(config, name, None) for name in ("hidden_channels", "condition_size", "latent_size")}
+        sizes.update(block_size=tokens.block_size, max_blocks=tokens.max_blocks, num_layer_ids=tokens.num_layer_ids)
     sizes["numel"] = config.lora_layout.numel
     problem = None
-    for name, key, axis in _SIZE_EVIDENCE:
+    for name, key, axis in evidence:
         tensor = state_dict.get(key)
         found = tensor.shape[axis] if tensor is not None and tensor.dim() > axis else None
         if found != sizes[name]:

@@ -1,5 +1,11 @@
 """`PeftCVAEGenerator`: a conditional VAE over flattened LoRA checkpoints (after ICM-LoRA, 2025).
 
+Two networks, chosen by `config.architecture`: `"conv"` (below; the default, and what every generator saved before
+the field existed is) and `"factorised"` (`peft_cvae/factorised.py`: row-block tokens with layer / module / A-B /
+block embeddings and one head shared by all layers, whose size does not grow with N). Both share everything else in
+this file: normalisation, the optional canonical form of the LoRA factors (`peft_cvae/canonical.py`, applied to the
+raw vectors before normalisation), the task memory (float32 or bfloat16), the loss, saving and loading.
+
 How a LoRA checkpoint becomes something a small network can model
 ------------------------------------------------------------------
 1. `LoraLayout.flatten` turns the PEFT state dict into one vector of N numbers (N = 460,800 for SmolLM2-135M with
@@ -49,11 +55,13 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .canonical import canonicalize
 from .configuration_peft_cvae import PeftCVAEConfig
 from .constants import (
     CARD_NAME,
 )
 from .errors import ConditionError, CorruptFileError, InvalidConfigError, LayoutMismatchError
+from .factorised import FactorisedDecoder, FactorisedEncoder, TokenLayout
 from .file_utils import atomic_directory, folder_lock
 from .generation import GenerateAdapterMixin
 from .generator_files import HUB_FILE_KWARGS, generator_folder, read_generator
@@ -62,6 +70,8 @@ from .integrity import VerifiedFolder, write_integrity_record
 from .model_card import generator_model_card, training_summary
 
 __all__ = ["PeftCVAEGenerator", "PeftCVAEOutput"]
+
+MEMORY_CHUNK = 1 << 18  # columns of a compact task memory widened to float32 at once
 
 
 @dataclass
@@ -165,15 +175,23 @@ class TaskMemory(nn.Module):
     once the temperature has been learned; a new condition gives a similarity-weighted average of the task means.
     """
 
-    def __init__(self, num_tasks: int, numel: int):
+    def __init__(self, num_tasks: int, numel: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("task_means", torch.zeros(num_tasks, numel))  # (T, N), persistent: saved and reloaded
+        # (T, N), persistent: saved and reloaded; bfloat16 halves it (config.task_memory_dtype)
+        self.register_buffer("task_means", torch.zeros(num_tasks, numel, dtype=dtype))
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
     def forward(self, condition: torch.Tensor, task_conditions: torch.Tensor) -> torch.Tensor:
         similarity = F.cosine_similarity(condition[:, None, :], task_conditions[None], dim=-1)  # (B, T)
         weights = torch.softmax(similarity / self.log_temperature.exp(), dim=-1)  # (B, T)
-        return weights @ self.task_means.to(weights)  # (B, N)
+        if self.task_means.dtype == weights.dtype:
+            return weights @ self.task_means  # (B, N)
+        # A compact memory is widened a slice of columns at a time: never a full-precision (T, N) copy.
+        mixed = weights.new_empty(weights.shape[0], self.task_means.shape[1])  # (B, N)
+        for start in range(0, self.task_means.shape[1], MEMORY_CHUNK):
+            columns = slice(start, start + MEMORY_CHUNK)
+            mixed[:, columns] = weights @ self.task_means[:, columns].to(weights)
+        return mixed
 
 
 class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
@@ -187,18 +205,28 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
     config_class = PeftCVAEConfig
     base_model_prefix = "generator"
     main_input_name = "params"
-    _no_split_modules = ["ConvBlock"]
+    _no_split_modules = ["ConvBlock", "TrunkBlock"]
 
     def __init__(self, config: PeftCVAEConfig):
         super().__init__(config)
         layout = config.lora_layout
+        self._sizes = layout.sizes  # per-tensor sizes, read at every normalisation (the config rebuilds the layout)
         # Persistent buffers: from_pretrained builds the model on the meta device and refills only saved state.
         self.register_buffer("param_offset", torch.zeros(layout.numel))  # (N,) element-wise bank mean
         self.register_buffer("param_scale", torch.ones(len(layout.keys)))  # (num_tensors,) per-tensor std
         self.register_buffer("task_conditions", torch.zeros(len(config.task_names), config.condition_size))
-        self.encoder = PeftCVAEEncoder(config)
-        self.decoder = PeftCVAEDecoder(config)
-        self.task_memory = TaskMemory(len(config.task_names), layout.numel) if config.task_memory else None
+        if config.architecture == "factorised":
+            self.tokens = TokenLayout(layout, config.block_rows)
+            self.encoder = FactorisedEncoder(config, self.tokens)
+            self.decoder = FactorisedDecoder(config, self.tokens)
+        else:
+            self.tokens = None
+            self.encoder = PeftCVAEEncoder(config)
+            self.decoder = PeftCVAEDecoder(config)
+        self.task_memory = None
+        if config.task_memory:
+            dtype = getattr(torch, config.task_memory_dtype)
+            self.task_memory = TaskMemory(len(config.task_names), layout.numel, dtype)
         self._index_cache = {}
         self.post_init()
 
@@ -232,7 +260,13 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             **{"condition_encoder": bank.condition_encoder, **config_overrides},
         )
         # One pass over the bank, chunk by chunk (a bank on disk is never loaded whole); raises if it is empty.
-        offset, scale, task_means = bank.statistics(task_means=config.task_memory)  # (N,), (num_tensors,), (T, N)
+        # With a canonical form, the statistics and task means are those of the canonical vectors the network sees.
+        transform = None
+        if config.canonical_form is not None:
+            layout = config.lora_layout
+            transform = lambda chunk: canonicalize(chunk, layout)  # noqa: E731
+        offset, scale, task_means = bank.statistics(task_means=config.task_memory, transform=transform)
+        # offset (N,), scale (num_tensors,), task_means (T, N) or None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(config)
@@ -394,18 +428,32 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             self._index_cache[device] = (torch.cat(starts).to(device), torch.tensor(sizes, device=device))
         return self._index_cache[device]
 
+    def _per_tensor(self, flat: torch.Tensor, op) -> torch.Tensor:
+        """`op(piece, scale)` on each tensor's slice of (B, N) with that tensor's scale, concatenated: the same numbers
+        as broadcasting an N-long `repeat_interleave` of the scales, without building it (it cost more than the
+        decoder at N = 42M)."""
+        pieces = flat.split(self._sizes, dim=1)
+        return torch.cat([op(piece, scale) for piece, scale in zip(pieces, self.param_scale)], dim=1)
+
     def normalize(self, params: torch.Tensor) -> torch.Tensor:
         """Raw flat LoRA vectors (B, N) -> normalised (B, N)."""
-        _, sizes = self._indices(params.device)
-        return (params - self.param_offset) / torch.repeat_interleave(self.param_scale, sizes)
+        return self._per_tensor(params - self.param_offset, torch.div)
 
     def denormalize(self, normalized: torch.Tensor) -> torch.Tensor:
         """Normalised (B, N) -> raw flat LoRA vectors (B, N)."""
-        _, sizes = self._indices(normalized.device)
-        return normalized * torch.repeat_interleave(self.param_scale, sizes) + self.param_offset
+        return self._per_tensor(normalized, torch.mul) + self.param_offset
+
+    def canonicalize(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw flat LoRA vectors (B, N) -> the form the network models: unchanged, or re-factorised
+        (`config.canonical_form`, see `peft_cvae.canonical`)."""
+        if self.config.canonical_form is None:
+            return params
+        return canonicalize(params, self.config.lora_layout)
 
     def patchify(self, flat: torch.Tensor) -> torch.Tensor:
-        """(B, N) -> (B, L, P), each tensor zero-padded to whole patches."""
+        """(B, N) -> (B, L, P): patches of each tensor, or row-block tokens (factorised), zero-padded."""
+        if self.tokens is not None:
+            return self.tokens.tokenize(flat)
         index, _ = self._indices(flat.device)
         padded = flat.new_zeros(flat.shape[0], self.config.num_tokens * self.config.patch_size)
         padded[:, index] = flat
@@ -413,6 +461,8 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, L, P) -> (B, N), dropping the padding."""
+        if self.tokens is not None:
+            return self.tokens.untokenize(patches)
         index, _ = self._indices(patches.device)
         return patches.reshape(patches.shape[0], -1)[:, index]
 
@@ -443,7 +493,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
     def encode(self, params: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw flat LoRA vectors (B, N) and conditions (B, cond) -> mean and log-variance of q(z | x, c)."""
         condition = self._check_condition(condition, params.shape[0])
-        return self.encoder(self.patchify(self.normalize(params)), condition)
+        return self.encoder(self.patchify(self.normalize(self.canonicalize(params))), condition)
 
     def decode(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Latents (B, Z) and conditions (B, cond) -> raw flat LoRA vectors (B, N)."""
@@ -481,7 +531,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
                 "or build a generator for that bank with PeftCVAEGenerator.from_bank(bank)."
             )
         condition = self._check_condition(condition, params.shape[0])
-        target = self.normalize(params)  # (B, N)
+        target = self.normalize(self.canonicalize(params))  # (B, N)
         mean, log_variance = self.encoder(self.patchify(target), condition)  # (B, Z) each
         if self.training:
             noise = torch.randn_like(mean) if noise is None else noise.to(mean)

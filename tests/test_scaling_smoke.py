@@ -45,3 +45,15 @@ def test_streaming_measures_a_bank_written_to_disk_and_renders_its_report(tmp_pa
     results = {"layout": "tiny", "numel": layout.numel(), "generator": {}, "banks": [record]}
     text = bank_streaming.report_section(results, [])
     assert "## Banks streamed from disk" in text and "| yes |" in text
+
+
+def test_worker_measures_the_factorised_generator():
+    layout = scaling.Layout("tiny", scaling.ModelShape("tiny", num_layers=2, hidden=16, kv=8, intermediate=32), 2,
+                            scaling.ALL_LINEAR)  # fmt: skip
+    args = argparse.Namespace(
+        tasks=2, checkpoints_per_task=2, batch_size=2, train_steps=2, threads=1, architecture="factorised"
+    )
+    record = scaling.worker(layout, None, args)
+    assert record["activation_bytes_per_number_per_sample"] > 0 and record["generate_seconds"] > 0
+    conv = scaling.worker(layout, None, argparse.Namespace(**{**vars(args), "architecture": "conv"}))
+    assert record["generator_parameters"] != conv["generator_parameters"]  # the option reached from_bank

@@ -172,8 +172,13 @@ def run(args) -> int:
         lines.append(f"condition size:  {config.condition_size}")
         lines.append(
             f"network:         {generator.num_parameters():,} parameters; latent {config.latent_size}, "
-            f"{config.hidden_channels} channels, {config.num_layers} layers, patch {config.patch_size} "
-            f"({config.num_tokens} tokens)"
+            f"{config.hidden_channels} channels, {config.num_layers} layers, "
+            + (
+                f"factorised, {config.block_rows} rows per token"
+                if config.architecture == "factorised"
+                else f"patch {config.patch_size}"
+            )
+            + f" ({config.num_tokens} tokens)"
         )
         history_file = path / GENERATOR_HISTORY_NAME
         if history_file.is_file():

@@ -24,7 +24,7 @@ class GeneratorSizeArguments:
     )
     num_layers: int | None = field(
         default=None,
-        metadata={"help": f"conv blocks in encoder and decoder each (default: {PeftCVAEConfig.num_layers})"},
+        metadata={"help": "blocks in encoder and decoder each (default: 12 for the conv network)"},
     )
     patch_size: int | None = field(
         default=None, metadata={"help": f"LoRA parameters per token (default: {PeftCVAEConfig.patch_size})"}
