@@ -189,17 +189,15 @@ class TaskLora:
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------------
-def sequence_prefix(tokenizer) -> list[int]:
+def sequence_prefix(tokenizer, text: str = "a") -> list[int]:
     """The special tokens the tokenizer puts in front of every text (Gemma's `<bos>`, Llama 3's
     `<|begin_of_text|>`; none for SmolLM2 or GPT-2): what the model saw at the start of every sequence in training.
 
     Gemma-3 without its `<bos>` is a different model (measured on Gemma-3-270M, BBC sport text, 48-token windows:
-    loss 6.5-9.0 without, 2.8-4.7 with), so every training block and example starts with this prefix."""
-    try:
-        with_specials = list(tokenizer("a")["input_ids"])
-        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    except TypeError:  # a minimal tokenizer without add_special_tokens: it adds nothing
-        return []
+    loss 6.5-9.0 without, 2.8-4.7 with), so every training block and example starts with this prefix. Found by
+    tokenizing `text` (one of the task's own, so any tokenizer can) with and without special tokens."""
+    with_specials = list(tokenizer(text)["input_ids"])
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     for start in range(len(with_specials) - len(plain) + 1):
         if plain and with_specials[start : start + len(plain)] == plain:
             return with_specials[:start]
@@ -216,7 +214,7 @@ class _ChunkDataset(torch.utils.data.Dataset):
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
-        prefix = sequence_prefix(tokenizer)
+        prefix = sequence_prefix(tokenizer, texts[0]) if texts else []
         width = max_length - len(prefix)  # text tokens per block
         usable = len(ids) // width * width if width > 0 else 0
         if usable == 0:
@@ -247,7 +245,7 @@ class _ExampleDataset(torch.utils.data.Dataset):
         self.items = []
         truncated = 0
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        prefix = sequence_prefix(tokenizer)
+        prefix = sequence_prefix(tokenizer, task.prompt(task.examples[0])) if task.examples else []
         budget = max_length - len(prefix)
         for example in task.examples:
             prompt = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
