@@ -234,7 +234,9 @@ def _size_and_latency(generator, scratch: Path, record: dict) -> dict:
 # ---- the driver ---------------------------------------------------------------------------------------------------
 def measure(args) -> dict:
     results = {"settings": vars(args).copy(), "layouts": []}
-    for key in ("report_only", "worker", "worker_layers", "no_train", "streaming", "scratch", "layouts"):
+    streaming_only = ("streaming", "scratch", "stream_checkpoints", "stream_tasks", "stream_parts")
+    streaming_only += ("storage_checkpoints", "stream_steps")  # --streaming's own options: not a worker's
+    for key in ("report_only", "worker", "worker_layers", "no_train", "layouts", *streaming_only):
         results["settings"].pop(key, None)
     for layout in LAYOUTS:
         if args.layouts and layout.label not in args.layouts:
