@@ -134,6 +134,24 @@ def test_answer_only_training_lowers_the_answer_nll(model_and_tokenizer):
     assert answer_nll(base, tokenizer, task) == pytest.approx(before)  # the base model itself was not changed
 
 
+def test_answer_position_loss_trains_the_same_lora_as_the_full_logits_loss(model_and_tokenizer, monkeypatch):
+    """Computing the LM head only at answer-predicting positions must not change a single trained number."""
+    import peft_cvae.collect as collect_module
+
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("sums", examples=SUMS + [TaskExample("a much longer question about 4 plus 3", "7")])
+    args = CollectArguments(**{**ARGS, "steps": 4}, last_fraction=0.25)
+    lean = train_task_lora(base, tokenizer, task, args)
+    monkeypatch.setattr(collect_module, "_AnswerLossTrainer", collect_module.Trainer)  # transformers' own loss
+    full = train_task_lora(base, tokenizer, task, args)
+    lean_state, full_state = lean.model.state_dict(), full.model.state_dict()
+    lora_keys = [key for key in lean_state if "lora_" in key]
+    assert lora_keys and all(torch.equal(lean_state[key], full_state[key]) for key in lora_keys)
+    assert lean.loss == full.loss and not torch.equal(
+        lean_state[lora_keys[-1]], torch.zeros_like(full_state[lora_keys[-1]])
+    )
+
+
 def test_task_json_spec_round_trips(tmp_path):
     task_json = {
         "name": "toy_bigbench",
