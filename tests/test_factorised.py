@@ -197,3 +197,17 @@ def test_bfloat16_task_memory_halves_the_memory_loads_in_peft_and_stays_within_t
         difference = (bank.layout.flatten(adapter.state_dict) - reference).abs()
         # bfloat16 keeps 8 significant bits: each stored mean is off by at most 2^-9 of itself (stated tolerance)
         assert (difference <= 2**-8 * largest * scale + 1e-7).all(), task
+
+
+def test_the_card_of_a_factorised_generator_describes_its_tokens_not_patches(factorised, trained_generator):
+    from peft_cvae.model_card import generator_model_card
+
+    card = generator_model_card(factorised).text
+    assert "| architecture | `factorised` |" in card
+    assert "| tokens | blocks of 4 rows of each LoRA tensor" in card
+    assert "patch size" not in card and "residual conv blocks" not in card
+    conv_card = generator_model_card(trained_generator).text
+    assert "| architecture | `conv` |" in conv_card
+    assert f"| patch size | {trained_generator.config.patch_size} |" in conv_card and "| tokens |" not in conv_card
+    memory = "yes (float32)" if trained_generator.config.task_memory else "no"
+    assert f"| task memory | {memory} |" in conv_card
