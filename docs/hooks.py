@@ -1,11 +1,14 @@
-"""The generated parts of the docs: the CLI reference (`docs/cli.md`) and the API summary (`docs/api.md`).
+"""The generated parts of the docs: the CLI reference (`docs/cli.md`), the API summary (`docs/api.md`) and the
+README's result tables.
 
 Both are committed already filled in, so a checkout (or GitHub's file view) has a readable reference without building
 the site, and both are regenerated from the installed package, never kept by hand:
 
 - `<!-- cli-help: COMMAND -->` is followed by the real `peft-cvae COMMAND --help` text (at 100 columns);
 - `<!-- api-summary -->` is followed by a table of every name in `peft_cvae.__all__` with the first line of its
-  docstring.
+  docstring;
+- `<!-- results-summary -->` is followed by the result tables of `benchmarks/results_summary.py`, made from the
+  committed benchmark results (`benchmarks/results/*.json`), so README's numbers are never typed by hand.
 
 Run `python docs/hooks.py` after changing a command's options or a public docstring (`--check` only reports whether the
 files are up to date); `tests/test_docs_reference.py` fails when they are not. As an mkdocs hook (`mkdocs.yml`), the
@@ -24,7 +27,8 @@ HELP_COLUMNS = "100"
 # A marker, then the block generated after it last time (if any): rendering replaces the block, so it is idempotent.
 CLI_MARKER = re.compile(r"<!-- cli-help:\s*(?P<command>[\w-]*)\s*-->\n(?:\n?```text\n.*?\n```\n)?", re.DOTALL)
 API_MARKER = re.compile(r"<!-- api-summary -->\n.*?<!-- /api-summary -->\n", re.DOTALL)
-GENERATED_FILES = ("cli.md", "api.md")
+RESULTS_MARKER = re.compile(r"<!-- results-summary -->\n.*?<!-- /results-summary -->\n", re.DOTALL)
+GENERATED_FILES = (DOCS / "cli.md", DOCS / "api.md", DOCS.parent / "README.md")
 
 
 def _help_text(command: str) -> str:
@@ -68,8 +72,18 @@ def api_summary() -> str:
     return "\n".join(rows)
 
 
+def results_summary() -> str:
+    """The README's result tables, from the committed benchmark results."""
+    root = str(DOCS.parent)
+    if root not in sys.path:  # `benchmarks` is a folder of the checkout, not part of the installed package
+        sys.path.insert(0, root)
+    from benchmarks.results_summary import readme_summary
+
+    return readme_summary()
+
+
 def render(markdown: str) -> str:
-    """`markdown` with every generated part filled in from the installed package."""
+    """`markdown` with every generated part filled in from the installed package and the committed results."""
     markdown = CLI_MARKER.sub(
         lambda match: (
             f"<!-- cli-help:{' ' + match['command'] if match['command'] else ''} -->\n\n```text\n"
@@ -77,7 +91,12 @@ def render(markdown: str) -> str:
         ),
         markdown,
     )
-    return API_MARKER.sub(lambda match: f"<!-- api-summary -->\n{api_summary()}\n<!-- /api-summary -->\n", markdown)
+    markdown = API_MARKER.sub(
+        lambda match: f"<!-- api-summary -->\n{api_summary()}\n<!-- /api-summary -->\n", markdown
+    )
+    return RESULTS_MARKER.sub(
+        lambda match: f"<!-- results-summary -->\n{results_summary()}\n<!-- /results-summary -->\n", markdown
+    )
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -87,8 +106,7 @@ def on_page_markdown(markdown, page, config, files):
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
-    for name in GENERATED_FILES:
-        path = DOCS / name
+    for path in GENERATED_FILES:
         text = path.read_text(encoding="utf-8")
         rendered = render(text)
         if rendered != text:

@@ -24,7 +24,7 @@ def generated_with() -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-@pytest.mark.parametrize("name", ["cli.md", "api.md"])
+@pytest.mark.parametrize("name", ["cli.md", "api.md", "../README.md"])
 def test_committed_reference_is_up_to_date(name, monkeypatch):
     if name == "cli.md" and sys.version_info[:2] != generated_with():
         pytest.skip(f"docs/cli.md was generated with Python {generated_with()}; argparse formats help differently")
@@ -32,6 +32,26 @@ def test_committed_reference_is_up_to_date(name, monkeypatch):
     hooks = load_hooks()
     text = (DOCS / name).read_text(encoding="utf-8")
     assert hooks.render(text) == text, f"docs/{name} is out of date: run `python docs/hooks.py` and commit it"
+
+
+def test_readme_results_come_from_the_committed_json(tmp_path):
+    """The README block is made from the results files: change a number in a copy and the table changes with it."""
+    import json
+    import shutil
+
+    from benchmarks.results_summary import SIX_DOMAINS, readme_summary
+
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    assert "<!-- results-summary -->" in readme and readme_summary() in readme
+    for name in (SIX_DOMAINS, "bigbench_zero_shot_quick.json"):
+        shutil.copy(DOCS.parent / "benchmarks" / "results" / name, tmp_path / name)
+    results = json.loads((tmp_path / SIX_DOMAINS).read_text())
+    results["seen"]["sport"]["generated (description, mean)"]["perplexity"] = (
+        2 * results["seen"]["sport"]["original LoRA"]["perplexity"]
+    )
+    (tmp_path / SIX_DOMAINS).write_text(json.dumps(results))
+    assert "| sport | " in readme_summary(tmp_path) and " | 2.000 x | " in readme_summary(tmp_path)
+    assert " | 2.000 x | " not in readme_summary()
 
 
 def test_every_command_and_public_name_is_in_the_reference():
