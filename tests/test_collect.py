@@ -1,5 +1,6 @@
 """`peft_cvae.collect`: the one LoRA fine-tuning path (documents and prompt/answer tasks) and the task spec reader."""
 
+import copy
 import json
 import math
 
@@ -204,7 +205,7 @@ def test_collect_bank_on_text_and_example_tasks_loads_in_peft(model_and_tokenize
     bank.save_pretrained(tmp_path / "bank")
     loaded = LoraBank.from_pretrained(tmp_path / "bank")
     assert len(loaded) == 9 and [c.step for c in loaded.checkpoints_of("sums")] == [4, 5, 6]
-    model = get_peft_model(base, args.lora_config())
+    model = get_peft_model(copy.deepcopy(base), args.lora_config())  # in place: never on the shared fixture
     for checkpoint in loaded:
         result = set_peft_model_state_dict(model, checkpoint.state_dict)
         assert result.unexpected_keys == []
@@ -309,14 +310,7 @@ def test_cost_estimate_is_exact_on_disk_and_kept_steps_match_training(model_and_
 def test_held_out_perplexity_is_reported_before_and_after(model_and_tokenizer):
     from peft_cvae.evaluation import evaluate_language_model
 
-    _, tokenizer = model_and_tokenizer
-    base = tiny_llama(  # a fresh base: other tests inject LoRA layers into the shared one (get_peft_model is in place)
-        vocab_size=len(tokenizer),
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    base, tokenizer = model_and_tokenizer
     held_out = CORPUS[:1]  # a training text, so that a dozen steps surely lower its perplexity
     task = TaskData("numbers", "lists of numbers", texts=CORPUS[:4], test_texts=["", *held_out])
     assert task.test_texts == held_out  # empty texts dropped
