@@ -74,6 +74,15 @@ class PeftCVAEConfig(PretrainedConfig):
         task_memory_dtype (`str`, defaults to `"float32"`):
             Storage dtype of the task memory, `"float32"` or `"bfloat16"` (half the bytes; the mix is computed in
             float32).
+        memory_holdout (`float`, defaults to 0.0):
+            Task memory only: in training, the probability that a sample's own task is hidden from the task memory
+            (its weight masked out of the softmax), so that the memory mixes the *other* tasks' means and the decoder
+            must learn the correction from that mix to the true checkpoint, from the condition: the situation of an
+            unseen task at generation time. With 0.0 (the default, and every generator saved before the field
+            existed) the own task is always in the memory, the mix already is the answer in training and the decoder
+            learns almost nothing, so an unseen task gets a plain similarity mix. When > 0 the decoder also gets the
+            memory's best cosine similarity (after masking) as an input, so it can tell "my task is in the memory"
+            (similarity 1: return the stored mean) from "only neighbours are" (decode a correction).
     """
 
     model_type = "peft_cvae"
@@ -95,6 +104,7 @@ class PeftCVAEConfig(PretrainedConfig):
     block_rows: int = 64
     canonical_form: str | None = None
     task_memory_dtype: str = "float32"
+    memory_holdout: float = 0.0
 
     def __post_init__(self, **kwargs):
         for name in ("task_names", "task_descriptions"):
@@ -163,6 +173,17 @@ class PeftCVAEConfig(PretrainedConfig):
             )
         if not isinstance(self.task_memory, bool):
             raise InvalidConfigError(f"PeftCVAEConfig.task_memory must be true or false, got {self.task_memory!r}.")
+        holdout = self.memory_holdout
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout <= 1.0:
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.memory_holdout must be a probability, a number in [0, 1], got {holdout!r}."
+            )
+        if holdout > 0 and not self.task_memory:
+            raise InvalidConfigError(
+                f"PeftCVAEConfig.memory_holdout={holdout} hides a sample's own task from the task memory, but "
+                "task_memory is off: pass task_memory=True as well, or leave memory_holdout at 0."
+            )
+        self.memory_holdout = float(holdout)
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise InvalidConfigError(f"PeftCVAEConfig.kl_weight must be a number >= 0, got {self.kl_weight!r}.")
         if len(self.task_descriptions) != len(self.task_names):

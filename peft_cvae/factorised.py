@@ -209,10 +209,11 @@ class FactorisedDecoder(nn.Module):
     """p(x | z, c): latent (B, Z) and condition (B, cond) -> tokens (B, L, P) in normalised space."""
 
     def __init__(self, config, tokens: TokenLayout):
-        from .modeling_peft_cvae import ConditionProjection
+        from .modeling_peft_cvae import ConditionProjection, MemorySimilarityProjection
 
         super().__init__()
         channels = config.hidden_channels
+        self.memory_projection = MemorySimilarityProjection(channels) if config.memory_holdout > 0 else None
         self.latent_projection = nn.Linear(config.latent_size, channels)
         self.condition_projection = ConditionProjection(config.condition_size, channels)
         self.embedding = TokenEmbedding(tokens, channels)
@@ -221,8 +222,12 @@ class FactorisedDecoder(nn.Module):
         self.head = nn.Linear(channels, tokens.block_size)  # one head for every layer, module and block
         self.head.is_output_layer = True  # zero-initialised, see PeftCVAEGenerator._init_weights
 
-    def forward(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, condition: torch.Tensor, memory_similarity: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = self.latent_projection(latent) + self.condition_projection(condition)  # (B, H)
+        if self.memory_projection is not None:  # config.memory_holdout > 0: is the task in the memory?
+            context = context + self.memory_projection(memory_similarity)
         hidden = self.embedding()[None] + context[:, None]  # (B, L, H)
         for block in self.blocks:
             hidden = block(hidden, context)

@@ -220,7 +220,7 @@ class GenerateAdapterMixin:
             condition = conditions[0] if len(conditions) == 1 else (weights[:, None] * conditions.float()).sum(dim=0)
             return self.decode(latent, condition[None])
         decoded = torch.cat(  # the same z decoded under each task's condition, one at a time (T, N), normalised
-            [self.unpatchify(self.decoder(latent, self._check_condition(c[None], 1))) for c in conditions]
+            [self._decoder_only(latent, self._check_condition(c[None], 1)) for c in conditions]
         )
         mixed = (weights[:, None].to(decoded) * decoded).sum(dim=0, keepdim=True)  # (1, N)
         return self.denormalize(mixed)

@@ -29,6 +29,11 @@ Decoder p(x | z, c): z and c are projected to `hidden_channels` and added to the
 every token, `num_layers` residual conv blocks follow, and a linear map turns each token back into a patch (the
 transpose of the patch embedding). The output layer starts at zero, so an untrained generator writes the bank mean.
 
+Task memory (`config.task_memory`): the training tasks' mean checkpoints, mixed by condition similarity and added to
+the decoder's output. With `config.memory_holdout` > 0, training hides each sample's own task from that mix with this
+probability (leave-one-task-out) and the decoder gets the memory's best similarity as an input, so it learns to
+correct a mix of other tasks, what an unseen task gets (issue 13); 0 keeps the original behaviour bit for bit.
+
 Loss = mean squared error in normalised space + kl_weight * KL(q(z | x, c) || N(0, I)), kl_weight = 0.005 as in
 ICM-LoRA. Generation samples z ~ N(0, temperature^2 I) (temperature 0 gives the mean, z = 0) and decodes.
 
@@ -38,7 +43,7 @@ whole vector: a (N x hidden) matrix would be larger than the bank it replaces. H
 hidden_channels (position embeddings) and hidden_channels^2 x kernel_size x num_layers (convolutions), plus the N-long
 mean buffer, i.e. about one checkpoint.
 
-Size of this file (~490 lines, over the ~400 guideline): the network (~200 lines with this docstring), the flat <->
+Size of this file (~610 lines, over the ~400 guideline): the network (~200 lines with this docstring), the flat <->
 patch maps, and the `from_pretrained` / `save_pretrained` / `push_to_hub` overrides, which transformers requires on the
 class itself; their helpers live in `generator_files.py`, generation in `generation.py`.
 """
@@ -159,13 +164,33 @@ class PeftCVAEDecoder(nn.Module):
         self.norm = nn.GroupNorm(_num_groups(channels), channels)
         self.to_patches = nn.Linear(channels, config.patch_size)
         self.to_patches.is_output_layer = True  # zero-initialised, see PeftCVAEGenerator._init_weights
+        self.memory_projection = MemorySimilarityProjection(channels) if config.memory_holdout > 0 else None
 
-    def forward(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, condition: torch.Tensor, memory_similarity: torch.Tensor | None = None
+    ) -> torch.Tensor:
         task_and_sample = self.latent_projection(latent) + self.condition_projection(condition)  # (B, C)
+        if self.memory_projection is not None:
+            task_and_sample = task_and_sample + self.memory_projection(memory_similarity)
         hidden = self.position_embedding + task_and_sample[:, :, None]  # (B, C, L)
         for block in self.blocks:
             hidden = block(hidden)
         return self.to_patches(F.silu(self.norm(hidden)).transpose(1, 2))  # (B, L, P)
+
+
+class MemorySimilarityProjection(nn.Module):
+    """The task memory's best cosine similarity (B,) -> a (B, C) term of the decoder's context
+    (`config.memory_holdout` > 0): 1 says "this condition's own task is in the memory", lower values say how far the
+    nearest stored task is, so the decoder knows whether to leave the memory's mix alone or correct it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.linear = nn.Linear(1, channels)
+
+    def forward(self, similarity: torch.Tensor | None) -> torch.Tensor:  # (B,) -> (B, C)
+        if similarity is None:
+            raise ValueError("This decoder was built with memory_holdout > 0 and needs the memory's similarity.")
+        return self.linear(similarity[:, None].to(self.linear.weight.dtype))
 
 
 class TaskMemory(nn.Module):
@@ -173,6 +198,8 @@ class TaskMemory(nn.Module):
 
     Used when `config.task_memory` is set: a condition equal to a training task's gives (almost) that task's mean
     once the temperature has been learned; a new condition gives a similarity-weighted average of the task means.
+    `hidden_tasks` (training with `config.memory_holdout` > 0) masks a sample's own task out of the softmax, so the
+    mix is what an unseen task would get: the other tasks' means.
     """
 
     def __init__(self, num_tasks: int, numel: int, dtype: torch.dtype = torch.float32):
@@ -181,9 +208,24 @@ class TaskMemory(nn.Module):
         self.register_buffer("task_means", torch.zeros(num_tasks, numel, dtype=dtype))
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
-    def forward(self, condition: torch.Tensor, task_conditions: torch.Tensor) -> torch.Tensor:
+    def weights(
+        self, condition: torch.Tensor, task_conditions: torch.Tensor, hidden_tasks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixing weights (B, T) and the best cosine similarity to a task the sample may use (B,).
+
+        `hidden_tasks` (B,) int64: the task index each sample may not use, -1 for none."""
         similarity = F.cosine_similarity(condition[:, None, :], task_conditions[None], dim=-1)  # (B, T)
-        weights = torch.softmax(similarity / self.log_temperature.exp(), dim=-1)  # (B, T)
+        logits = similarity / self.log_temperature.exp()  # (B, T)
+        if hidden_tasks is not None:
+            columns = torch.arange(similarity.shape[1], device=similarity.device)
+            hidden = columns[None, :] == hidden_tasks.to(similarity.device)[:, None]  # (B, T), no column for -1
+            # masked after the division: -inf / temperature would give the temperature a NaN gradient
+            logits = logits.masked_fill(hidden, -math.inf)
+            similarity = similarity.masked_fill(hidden, -math.inf)
+        return torch.softmax(logits, dim=-1), similarity.max(dim=-1).values  # (B, T), (B,)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights (B, T) -> the weighted sum of the task means (B, N), in the weights' dtype."""
         if self.task_means.dtype == weights.dtype:
             return weights @ self.task_means  # (B, N)
         # A compact memory is widened a slice of columns at a time: never a full-precision (T, N) copy.
@@ -192,6 +234,12 @@ class TaskMemory(nn.Module):
             columns = slice(start, start + MEMORY_CHUNK)
             mixed[:, columns] = weights @ self.task_means[:, columns].to(weights)
         return mixed
+
+    def forward(
+        self, condition: torch.Tensor, task_conditions: torch.Tensor, hidden_tasks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The mixed task means (B, N)."""
+        return self.mix(self.weights(condition, task_conditions, hidden_tasks)[0])
 
 
 class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
@@ -500,12 +548,29 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         condition = self._check_condition(condition, latent.shape[0])
         return self.denormalize(self._decode_normalized(latent, condition))
 
-    def _decode_normalized(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, Z), (B, cond) -> normalised flat vectors (B, N): the decoder, plus the task memory when there is one."""
-        decoded = self.unpatchify(self.decoder(latent, condition))  # (B, N)
-        if self.task_memory is not None:
-            decoded = decoded + self.task_memory(condition, self.task_conditions)
-        return decoded
+    def _decode_normalized(
+        self, latent: torch.Tensor, condition: torch.Tensor, hidden_tasks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, Z), (B, cond) -> normalised flat vectors (B, N): the decoder, plus the task memory when there is one.
+
+        `hidden_tasks` (B,) int64: per sample, a task index masked out of the memory (-1: none); see
+        `config.memory_holdout`."""
+        if self.task_memory is None:
+            if hidden_tasks is not None:
+                raise InvalidConfigError("hidden_tasks hides tasks from the task memory; this generator has none.")
+            return self.unpatchify(self.decoder(latent, condition))  # (B, N)
+        weights, best_similarity = self.task_memory.weights(condition, self.task_conditions, hidden_tasks)
+        feature = best_similarity if self.config.memory_holdout > 0 else None  # (B,): is the task in the memory?
+        decoded = self.unpatchify(self.decoder(latent, condition, feature))  # (B, N)
+        return decoded + self.task_memory.mix(weights)
+
+    def _decoder_only(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, Z), (B, cond) -> the decoder's own output (B, N), normalised, without the task memory's mix; with
+        `config.memory_holdout` > 0 the decoder still gets the memory's best similarity (its input)."""
+        feature = None
+        if self.task_memory is not None and self.config.memory_holdout > 0:
+            feature = self.task_memory.weights(condition, self.task_conditions)[1]  # (B,)
+        return self.unpatchify(self.decoder(latent, condition, feature))
 
     def forward(
         self,
@@ -513,6 +578,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         condition: torch.Tensor,
         return_dict: bool = True,
         noise: torch.Tensor | None = None,
+        hidden_tasks: torch.Tensor | None = None,
     ) -> PeftCVAEOutput:
         """Encode, sample z (the mean in eval mode), decode, and score.
 
@@ -522,6 +588,9 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             noise: standard normal noise of the reparameterisation in training mode, shape (B, latent_size); drawn
                 from torch's global generator when None. `train_generator` passes noise drawn per global batch, so
                 the result does not depend on the number of processes and resumes bit-identically.
+            hidden_tasks: per sample, the index (in `config.task_names`) of a task to hide from the task memory, -1
+                for none, shape (B,) int64. `train_generator` passes each sample's own task with probability
+                `config.memory_holdout` (leave-one-task-out: the memory then mixes only other tasks).
         """
         if params.dim() != 2 or params.shape[1] != self.config.lora_layout.numel:
             raise LayoutMismatchError(
@@ -538,7 +607,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             latent = mean + noise * torch.exp(0.5 * log_variance)  # reparameterisation
         else:
             latent = mean
-        reconstruction = self._decode_normalized(latent, condition)  # (B, N)
+        reconstruction = self._decode_normalized(latent, condition, hidden_tasks)  # (B, N)
         reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
         kl_loss = (-0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp())).sum(dim=-1).mean()
         loss = reconstruction_loss + self.config.kl_weight * kl_loss

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .bank_dataset import BankDataset
+from .bank_dataset import BankDataset, check_task_indices
 from .checkpointing import (
     BANK_FINGERPRINT_FORMAT,
     CHECKPOINTS_FOLDER,
@@ -291,6 +291,7 @@ class _Loop:
     def prepare(cls, generator, bank, args: GeneratorTrainingArguments, accelerator: Accelerator) -> "_Loop":
         set_seed(args.seed)
         bank.condition_size  # noqa: B018  (raises EmptyBankError for a bank of fewer than 2 checkpoints)
+        check_task_indices(generator.config, bank)
         dataset = BankDataset(bank)  # items (N,), (cond,): read from the bank one by one, never all at once
         loader = DataLoader(
             dataset,
@@ -340,12 +341,17 @@ class _Loop:
         latent_size = self.generator.config.latent_size
         first = accelerator.process_index * self.per_process_batch
         totals = torch.zeros(3, device=accelerator.device)  # summed loss, reconstruction, kl over batches
-        for params, condition in self.loader:
+        holdout = self.generator.config.memory_holdout
+        for params, condition, task in self.loader:
             # Noise for the whole global batch, drawn on every process; this process takes its own samples' rows.
             noise = torch.randn(self.global_batch_size, latent_size, generator=self.noise_generator)
             noise = noise[first : first + params.shape[0]].to(accelerator.device)
+            hidden = None
+            if holdout > 0:  # leave-one-task-out: hide each sample's own task from the memory with this probability
+                draw = torch.rand(self.global_batch_size, generator=self.noise_generator)[first : first + len(task)]
+                hidden = torch.where(draw < holdout, task.cpu(), -1).to(accelerator.device)  # (b,), -1: none hidden
             with accelerator.accumulate(model):
-                output = model(params, condition, noise=noise)
+                output = model(params, condition, noise=noise, hidden_tasks=hidden)
                 accelerator.backward(output.loss)
                 if self.args.max_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
