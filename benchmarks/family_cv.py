@@ -198,7 +198,7 @@ def run(args, save) -> dict:
             results["parameters"][name]["nearest task"] = names[nearest]
             if name in scored:  # the own checkpoint mean only in parameter space: the oracle stands for it
                 del candidates["own checkpoint mean"]
-                order = [*candidates][:4] + [*candidates][6:] + ["mean of bank LoRAs"]  # generators before the soup
+                order = [label for label in candidates if label != "mean of bank LoRAs"] + ["mean of bank LoRAs"]
                 to_score[name] = {label: candidates[label] for label in order}
             save(results)
     if scored:  # answer NLL, one score at a time, saved after each: a run stopped early keeps what it scored
