@@ -112,6 +112,7 @@ class FunctionalLoss:
                 "The functional loss was built for another LoRA layout than the generator's (other base model, rank "
                 "or target modules). Build it with layout=generator.config.lora_layout and the same base model."
             )
+        layout.check_config(self.layout.lora_config)  # the same alpha, rsLoRA, ...: the same scaling
         missing = sorted(set(generator.config.task_names) - set(self.examples))
         if missing:
             raise UnknownTaskError(

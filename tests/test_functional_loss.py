@@ -181,6 +181,10 @@ def test_bad_input_is_refused_with_a_clear_error(setup):
     loss = functional(setup)
     with pytest.raises(UnknownTaskError, match="nope"):
         loss(bank.vector(0)[None], ["nope"])
+    other_alpha = LoraLayout(**{**bank.layout.to_dict(), "lora_config": {**bank.layout.lora_config, "lora_alpha": 2}})
+    generator = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    with pytest.raises(LayoutMismatchError, match="lora_alpha"):
+        FunctionalLoss(base, tokenizer, TASKS, other_alpha, max_length=24).check_generator(generator)
     partial = FunctionalLoss(base, tokenizer, TASKS[:2], bank.layout, max_length=24)
     with pytest.raises(UnknownTaskError, match="doubles"):
         train_generator(PeftCVAEGenerator.from_bank(bank, **GENERATOR), bank, functional_loss=partial, **TRAINING)
