@@ -292,35 +292,46 @@ class _RightPadCollator:
         }
 
 
-class _AnswerLossTrainer(Trainer):
-    """A `Trainer` whose loss runs the LM head only at the positions that predict answer tokens.
+def answer_loss(forward, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object]:
+    """(loss, outputs): the cross-entropy of the answer tokens of a right-padded batch, running the LM head only at
+    the positions that predict answer tokens.
 
     On prompt/answer pairs most positions are prompt with label -100, yet the default loss computes the full
     vocabulary's logits at every one of them (SmolLM2: 49k x 576 per position). Passing the union of the batch's
     answer-predicting positions as `logits_to_keep` gives the same summed cross-entropy, scaled by the same
-    `num_items_in_batch` as transformers' `ForCausalLMLoss`, and saves about 13% of a BIG-bench training step on CPU.
+    `num_items_in_batch` as transformers' `ForCausalLMLoss` (None: the mean over the answer tokens), and saves about
+    13% of a BIG-bench training step on CPU.
+
+    `forward(**model_inputs)` runs the model: the model itself (`_AnswerLossTrainer`), or a
+    `torch.func.functional_call` of it with generated LoRA weights (`peft_cvae.functional_loss`).
     """
+    labels = inputs["labels"]  # (B, L)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, L): position t predicts t+1
+    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions that predict an answer token
+    inputs = {name: value for name, value in inputs.items() if name != "labels"}
+    try:
+        outputs = forward(**inputs, logits_to_keep=keep)
+        logits = outputs.logits  # (B, K, V)
+    except TypeError:  # a model without logits_to_keep: every position's logits, then the kept ones
+        outputs = forward(**inputs)
+        logits = outputs.logits[:, keep]
+    targets = shifted[:, keep].to(logits.device)  # (B, K)
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss, outputs
+
+
+class _AnswerLossTrainer(Trainer):
+    """A `Trainer` whose loss is `answer_loss`: the LM head only at the positions that predict answer tokens."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]  # (B, L)
-        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, L): position t predicts t+1
-        keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions that predict an answer token
-        inputs = {name: value for name, value in inputs.items() if name != "labels"}
-        try:
-            outputs = model(**inputs, logits_to_keep=keep)
-            logits = outputs.logits  # (B, K, V)
-        except TypeError:  # a model without logits_to_keep: every position's logits, then the kept ones
-            outputs = model(**inputs)
-            logits = outputs.logits[:, keep]
-        targets = shifted[:, keep].to(logits.device)  # (B, K)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="sum" if num_items_in_batch is not None else "mean",
-        )
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
+        loss, outputs = answer_loss(model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -90,6 +90,7 @@ def train_generator(
     args: GeneratorTrainingArguments | None = None,
     *,
     accelerator: Accelerator | None = None,
+    functional_loss=None,
     **kwargs,
 ) -> list[dict]:
     """Train `generator` on the checkpoints of `bank` and return one record of mean losses per epoch.
@@ -101,6 +102,9 @@ def train_generator(
             field docs are the reference). Default: `GeneratorTrainingArguments()`.
         accelerator: an `Accelerator` of your own (then `mixed_precision`, `gradient_accumulation_steps`,
             `log_with` and `project_dir` are ignored).
+        functional_loss: a `peft_cvae.functional_loss.FunctionalLoss`: adds `functional_loss.weight` x the answer NLL
+            of each decoded (sampled) LoRA on a few of its task's training examples to the loss, and records the
+            epoch's mean NLL as `functional_loss` in the history. None (default): the CVAE loss alone.
         **kwargs: fields of `GeneratorTrainingArguments` (`train_generator(g, bank, epochs=50, lr=1e-3)`), which
             override those of `args`.
 
@@ -138,7 +142,7 @@ def train_generator(
         )
     _check_distributed(accelerator, args)
 
-    loop = _Loop.prepare(generator, bank, args, accelerator)
+    loop = _Loop.prepare(generator, bank, args, accelerator, functional_loss)
     history, start_epoch = [], 0
     if resume_path is not None:
         state = load_checkpoint(
@@ -286,9 +290,12 @@ class _Loop:
     per_process_batch: int
     global_batch_size: int
     run: dict
+    functional_loss: object = None  # a FunctionalLoss, or None
 
     @classmethod
-    def prepare(cls, generator, bank, args: GeneratorTrainingArguments, accelerator: Accelerator) -> "_Loop":
+    def prepare(
+        cls, generator, bank, args: GeneratorTrainingArguments, accelerator: Accelerator, functional_loss=None
+    ) -> "_Loop":
         set_seed(args.seed)
         bank.condition_size  # noqa: B018  (raises EmptyBankError for a bank of fewer than 2 checkpoints)
         check_task_indices(generator.config, bank)
@@ -329,9 +336,13 @@ class _Loop:
             "bank_fingerprint_format": BANK_FINGERPRINT_FORMAT,
         }
         noise_generator = torch.Generator().manual_seed(args.seed)  # reparameterisation noise, same on every process
+        if functional_loss is not None:
+            functional_loss.check_generator(generator)
+            functional_loss.to(accelerator.device)
+            run.update(functional_loss.settings())
         return cls(
             args, accelerator, generator, model, optimizer, loader, scheduler, noise_generator, per_process_batch,
-            global_batch_size, run,
+            global_batch_size, run, functional_loss,
         )  # fmt: skip
 
     def train_epoch(self, epoch: int) -> dict:
@@ -340,9 +351,9 @@ class _Loop:
         self.loader.set_epoch(epoch)  # -> EpochShuffleSampler.set_epoch: this epoch's permutation
         latent_size = self.generator.config.latent_size
         first = accelerator.process_index * self.per_process_batch
-        totals = torch.zeros(3, device=accelerator.device)  # summed loss, reconstruction, kl over batches
+        totals = torch.zeros(4, device=accelerator.device)  # summed loss, reconstruction, kl, functional over batches
         holdout = self.generator.config.memory_holdout
-        for params, condition, task in self.loader:
+        for batch_index, (params, condition, task) in enumerate(self.loader):
             # Noise for the whole global batch, drawn on every process; this process takes its own samples' rows.
             noise = torch.randn(self.global_batch_size, latent_size, generator=self.noise_generator)
             noise = noise[first : first + params.shape[0]].to(accelerator.device)
@@ -352,22 +363,37 @@ class _Loop:
                 hidden = torch.where(draw < holdout, task.cpu(), -1).to(accelerator.device)  # (b,), -1: none hidden
             with accelerator.accumulate(model):
                 output = model(params, condition, noise=noise, hidden_tasks=hidden)
-                accelerator.backward(output.loss)
+                loss, functional = output.loss, torch.zeros((), device=accelerator.device)
+                if self.functional_loss is not None:  # the decoded (sampled) LoRAs on the frozen base model
+                    functional = self._functional(output.reconstruction, condition, epoch, batch_index, first)
+                    loss = loss + self.functional_loss.weight * functional
+                accelerator.backward(loss)
                 if self.args.max_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
                 self.optimizer.step()  # a no-op between accumulation steps
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     self.scheduler.step()
                 self.optimizer.zero_grad()
-            totals += torch.stack([output.loss, output.reconstruction_loss, output.kl_loss]).detach().float()
+            totals += torch.stack([loss, output.reconstruction_loss, output.kl_loss, functional]).detach().float()
         totals = accelerator.reduce(totals / len(self.loader), reduction="mean")
-        return {
+        record = {
             "epoch": epoch + 1,
             "loss": totals[0].item(),
             "reconstruction_loss": totals[1].item(),
             "kl_loss": totals[2].item(),
             "lr": self.scheduler.get_last_lr()[0],
         }
+        if self.functional_loss is not None:
+            record["functional_loss"] = totals[3].item()
+        return record
+
+    def _functional(self, reconstruction, condition, epoch: int, batch_index: int, first: int) -> torch.Tensor:
+        """The functional loss of a batch's decoded LoRAs (normalised `reconstruction` (B, N)); each sample's task is
+        the bank task whose condition it carries, its examples drawn from (epoch, batch, row in the global batch)."""
+        tasks = self.functional_loss.tasks_of(condition, self.generator)
+        vectors = self.generator.denormalize(reconstruction)  # (B, N) raw flat LoRA vectors (canonical form if set)
+        step = epoch * len(self.loader) + batch_index
+        return self.functional_loss(vectors, tasks, step=step, first_row=first)
 
     def save_checkpoint(self, output_dir: Path, epoch: int, history: list[dict], keep_last: int | None) -> None:
         """A resumable checkpoint after `epoch` epochs (main process), then the oldest pruned."""

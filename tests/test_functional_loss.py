@@ -1,0 +1,190 @@
+"""`peft_cvae.functional_loss`: decoded LoRAs applied to the frozen base model, and `train_generator`'s hook for it."""
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.utils import set_peft_model_state_dict
+
+from peft_cvae import LoraLayout, PeftCVAEGenerator, train_generator
+from peft_cvae.collect import (
+    CollectArguments,
+    TaskData,
+    TaskExample,
+    _ExampleDataset,
+    _RightPadCollator,
+    train_task_lora,
+)
+from peft_cvae.errors import InvalidConfigError, LayoutMismatchError, UnknownTaskError
+from peft_cvae.file_utils import read_json
+from peft_cvae.functional_loss import FunctionalLoss
+from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama
+
+CORPUS = [" ".join(str((i * 7 + k) % 100) for k in range(40)) for i in range(4)] + [
+    "Q: what is 2 plus 3? A: 5",
+    "what is 4 times 2? 8",
+    "swap 3 and 9: 9 3",
+]
+# r=2 with lora_alpha=7: a scaling of 3.5, which the functional loss must apply exactly as PEFT does.
+ARGS = {"steps": 6, "batch_size": 4, "max_length": 24, "lora_r": 2, "lora_alpha": 7, "lr": 3e-2, "save_steps": 1}
+ARGS["last_fraction"] = 0.5
+SUMS = [TaskExample(f"{a} plus {b}", str(a + b)) for a in range(1, 7) for b in (2, 5)]
+SWAPS = [TaskExample(f"swap {a} and {b}", f"{b} {a}") for a in (1, 4, 8) for b in (2, 3, 6, 7)]
+DOUBLES = [TaskExample(f"twice {a}", str(2 * a)) for a in range(1, 13)]
+TASKS = [
+    TaskData("sums", "adding", examples=SUMS),
+    TaskData("swaps", "swapping", examples=SWAPS),
+    TaskData("doubles", "doubling", examples=DOUBLES),
+]
+GENERATOR = {"patch_size": 16, "hidden_channels": 16, "latent_size": 4, "num_layers": 2}
+TRAINING = {"epochs": 12, "lr": 1e-2, "batch_size": 4, "show_progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(base model, tokenizer, bank): a few real LoRA checkpoints per task, trained by `collect` (answer-only loss)."""
+    tokenizer = tiny_bpe_tokenizer(CORPUS)
+    base = tiny_llama(
+        vocab_size=len(tokenizer),
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    bank = None
+    for index, task in enumerate(TASKS):
+        condition = torch.nn.functional.one_hot(torch.tensor(index), 4).float() + 0.1
+        bank = train_task_lora(base, tokenizer, task, CollectArguments(**ARGS), bank=bank, condition=condition).bank
+    return base, tokenizer, bank
+
+
+def functional(setup, **overrides) -> FunctionalLoss:
+    base, tokenizer, bank = setup
+    return FunctionalLoss(
+        base, tokenizer, TASKS, bank.layout, **{"examples_per_task": 4, "max_length": 24, **overrides}
+    )
+
+
+def test_functional_nll_equals_a_peft_model_loaded_with_the_same_tensors(setup):
+    base, tokenizer, bank = setup
+    loss = functional(setup)
+    assert bank.layout.lora_config["lora_alpha"] / bank.layout.lora_config["r"] == 3.5
+    vector = bank.vector(len(bank) - 1) * 1.5 + 0.05 * torch.randn(bank.layout.numel, generator=torch.Generator())
+    items = _ExampleDataset(TASKS[0], tokenizer, 24).items[:5]
+    got = loss.task_nll(vector, items)
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(base), bank.layout.peft_config()).eval()
+    load = set_peft_model_state_dict(peft_model, bank.layout.unflatten(vector))
+    assert load.unexpected_keys == []
+    assert [key for key in load.missing_keys if "lora_" in key] == []
+    batch = _RightPadCollator(tokenizer.pad_token_id)(items)
+    with torch.no_grad():
+        expected = peft_model(**batch).loss  # transformers' own causal-LM loss: the mean over answer tokens
+        with peft_model.disable_adapter():
+            without = peft_model(**batch).loss
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert abs(got.item() - without.item()) > 1e-2  # the LoRA really acts, so the scaling is really checked
+
+    # The same tensors at another alpha give another NLL: the scale is part of what was compared.
+    other = FunctionalLoss(base, tokenizer, TASKS, LoraLayout(**{**bank.layout.to_dict(), "lora_config": {
+        **bank.layout.lora_config, "lora_alpha": 2}}), max_length=24)  # fmt: skip
+    assert abs(other.task_nll(vector, items).item() - got.item()) > 1e-3
+
+
+def test_gradients_reach_the_decoder_and_not_the_base_model(setup):
+    _, _, bank = setup
+    loss = functional(setup)
+    generator = PeftCVAEGenerator.from_bank(bank, **GENERATOR).train()
+    conditions = bank.checkpoint_conditions()[:4]
+    params = torch.stack([bank.vector(index) for index in range(4)])
+    output = generator(params, conditions)
+    tasks = loss.tasks_of(conditions, generator)
+    assert tasks == [bank.checkpoints[index].task for index in range(4)]
+    value = loss(generator.denormalize(output.reconstruction), tasks)
+    value.backward()
+    assert torch.isfinite(value)
+    assert generator.decoder.to_patches.weight.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in loss.model.parameters())
+
+
+def generated_nll(generator, bank, loss) -> float:
+    """The mean answer NLL, over the tasks, of the adapter generated for each task (z = 0) on all its examples."""
+    values = []
+    with torch.no_grad():
+        for task in bank.task_names:
+            vector = generator.decode(torch.zeros(1, generator.config.latent_size), bank.condition(task)[None])[0]
+            values.append(loss.task_nll(vector, loss.examples[task]).item())
+    return sum(values) / len(values)
+
+
+def test_training_with_the_functional_loss_lowers_the_answer_nll_of_generated_adapters(setup):
+    _, _, bank = setup
+    loss = functional(setup, weight=1.0)
+    plain = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    plain_history = train_generator(plain, bank, **TRAINING)
+    trained = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    history = train_generator(trained, bank, functional_loss=loss, **TRAINING)
+    assert history[-1]["functional_loss"] < history[0]["functional_loss"]
+    before, after = generated_nll(plain, bank, loss), generated_nll(trained, bank, loss)
+    assert after < before - 0.1, (before, after)
+    assert "functional_loss" not in plain_history[-1]
+
+
+def test_the_run_record_names_the_functional_loss(setup, tmp_path):
+    _, _, bank = setup
+    generator = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    train_generator(generator, bank, functional_loss=functional(setup, weight=0.5), **{**TRAINING, "epochs": 1},
+                    output_dir=tmp_path / "run")  # fmt: skip
+    record = read_json(tmp_path / "run" / "training_history.json")
+    assert record["run"]["functional_loss_weight"] == 0.5
+    assert record["run"]["functional_loss_examples_per_task"] == 4
+    assert set(record["history"][0]) == {"epoch", "loss", "reconstruction_loss", "kl_loss", "lr", "functional_loss"}
+    assert PeftCVAEGenerator.from_pretrained(tmp_path / "run").config.task_names == bank.task_names
+
+
+def test_without_the_hook_training_is_bit_identical(setup):
+    """weight 0 computes the functional loss but adds exactly nothing: losses and weights equal those of no hook."""
+    _, _, bank = setup
+    off = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    off_history = train_generator(off, bank, **{**TRAINING, "epochs": 3})
+    zero = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    zero_history = train_generator(
+        zero, bank, functional_loss=functional(setup, weight=0.0), **{**TRAINING, "epochs": 3}
+    )
+    assert [set(record) for record in off_history] == [{"epoch", "loss", "reconstruction_loss", "kl_loss", "lr"}] * 3
+    assert [{k: v for k, v in record.items() if k != "functional_loss"} for record in zero_history] == off_history
+    assert all(record["functional_loss"] > 0 for record in zero_history)
+    for (name, weight), other in zip(off.state_dict().items(), zero.state_dict().values()):
+        assert torch.equal(weight, other), name
+
+
+def test_examples_are_drawn_reproducibly(setup):
+    loss = functional(setup)
+    first = loss._draw("sums", step=3, row=1)
+    assert first == loss._draw("sums", step=3, row=1)
+    assert len(first) == 4 and len({id(item) for item in first}) == 4
+    assert any(a is not b for a, b in zip(first, loss._draw("sums", step=4, row=1)))
+
+
+def test_bad_input_is_refused_with_a_clear_error(setup):
+    base, tokenizer, bank = setup
+    with pytest.raises(InvalidConfigError, match="no prompt/answer examples"):
+        FunctionalLoss(base, tokenizer, [TaskData("docs", "d", texts=["1 2 3"])], bank.layout)
+    with pytest.raises(InvalidConfigError, match="examples_per_task"):
+        functional(setup, examples_per_task=0)
+    with pytest.raises(LayoutMismatchError, match="do not match the layout"):
+        config = {**bank.layout.lora_config, "target_modules": ["k_proj"]}
+        other = LoraLayout(**{**bank.layout.to_dict(), "lora_config": config})
+        FunctionalLoss(base, tokenizer, TASKS, other)
+    loss = functional(setup)
+    with pytest.raises(UnknownTaskError, match="nope"):
+        loss(bank.vector(0)[None], ["nope"])
+    other_alpha = LoraLayout(**{**bank.layout.to_dict(), "lora_config": {**bank.layout.lora_config, "lora_alpha": 2}})
+    generator = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    with pytest.raises(LayoutMismatchError, match="lora_alpha"):
+        FunctionalLoss(base, tokenizer, TASKS, other_alpha, max_length=24).check_generator(generator)
+    partial = FunctionalLoss(base, tokenizer, TASKS[:2], bank.layout, max_length=24)
+    with pytest.raises(UnknownTaskError, match="doubles"):
+        train_generator(PeftCVAEGenerator.from_bank(bank, **GENERATOR), bank, functional_loss=partial, **TRAINING)
