@@ -36,7 +36,7 @@ from benchmarks.scaling import LAYOUTS, Layout, _reset_peak_rss, _rss_mb  # noqa
 
 STREAM_LAYOUT = LAYOUTS[1]  # SmolLM2-135M r=16 all-linear
 READ_LAYOUT = LAYOUTS[3]  # Llama-3-8B r=16 all-linear
-GENERATOR = {"hidden_channels": 32, "num_layers": 2, "latent_size": 16}
+GENERATOR = {"hidden_channels": 32, "num_layers": 2, "latent_size": 16, "task_memory": False}  # as recorded
 
 
 def write_bank(layout: Layout, num_checkpoints: int, num_tasks: int, folder: Path) -> int:

@@ -63,9 +63,12 @@ CONDITIONS = ("text", "in-context")
 SMOOTHING_SHARE = 0.1  # the reported loss is the mean of the last 10% of the logged per-step losses
 DEFAULT_LAST_FRACTION = 1 / 3
 TAIL_STEPS = 40  # the converged-tail recipe keeps every step of the last 40 (DESIGN §7: ~40 checkpoints per task)
+DEFAULT_RECIPE = "converged-tail"
 RECIPES = {
     "converged-tail": "keep every optimiser step of the last 40 (save_steps=1, last_fraction=40/steps): ~40 "
     "checkpoints per task on the cosine-decayed tail of training, as the run of record in docs/benchmarks.md",
+    "sparse-tail": "keep every (steps/20)-th step of the last third (save_steps=steps/20, last_fraction=1/3): 7 "
+    "checkpoints per task at 120 steps, a sixth of the disk (the default before converged-tail)",
 }
 
 
@@ -82,19 +85,21 @@ class CollectArguments:
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate, cosine decay to 0"})
     batch_size: int = field(default=8, metadata={"help": "blocks (or examples) per step"})
     max_length: int = field(default=128, metadata={"help": "tokens per block (or per example)"})
+    # save_steps and last_fraction default to None: the recipe fills them in, and a value given explicitly (even the
+    # value a recipe would pick) always wins.
     save_steps: int | None = field(
-        default=None, metadata={"help": "keep a checkpoint every N steps (default: steps / 20)"}
+        default=None, metadata={"help": "keep a checkpoint every N steps (default: the recipe's)"}
     )
-    last_fraction: float = field(
-        default=DEFAULT_LAST_FRACTION,
-        metadata={"help": "keep checkpoints of this final share of training (default: 1/3, as ICM-LoRA's last 50 of "
-                  "150 epochs)"},
-    )  # fmt: skip
-    recipe: str | None = field(
+    last_fraction: float | None = field(
         default=None,
+        metadata={"help": "keep checkpoints of this final share of training (default: the recipe's; ICM-LoRA keeps "
+                  "the last 50 of 150 epochs)"},
+    )  # fmt: skip
+    recipe: str = field(
+        default=DEFAULT_RECIPE,
         metadata={
-            "help": "a preset of the checkpoint flags; converged-tail: " + RECIPES["converged-tail"] + ". "
-            "--save-steps or --last-fraction given explicitly win",
+            "help": "a preset of the checkpoint flags; converged-tail: " + RECIPES["converged-tail"] + "; "
+            "sparse-tail: " + RECIPES["sparse-tail"] + ". --save-steps or --last-fraction given explicitly win",
             "choices": list(RECIPES),
         },
     )
@@ -117,19 +122,20 @@ class CollectArguments:
     )
 
     def __post_init__(self):
-        if self.recipe is not None:
-            if self.recipe not in RECIPES:
-                raise InvalidConfigError(f"recipe must be one of {sorted(RECIPES)} or None, got {self.recipe!r}.")
-            self._apply_recipe()
         for name in ("lora_r", "steps", "batch_size", "max_length", "num_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.recipe is None:  # configs written when the field could be None: no preset, the old defaults
+            self.recipe = "sparse-tail"
+        if self.recipe not in RECIPES:
+            raise InvalidConfigError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        self._apply_recipe()
         if self.save_steps is not None and (
             isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int) or self.save_steps < 1
         ):
             raise InvalidConfigError(
-                f"save_steps must be a positive integer or None (steps / 20), got {self.save_steps!r}."
+                f"save_steps must be a positive integer or None (the recipe decides), got {self.save_steps!r}."
             )
         for name in ("lr", "lora_alpha"):
             value = getattr(self, name)
@@ -150,16 +156,18 @@ class CollectArguments:
             )
 
     def _apply_recipe(self) -> None:
-        """Fill in the recipe's values of the checkpoint fields still at their defaults (a value set explicitly wins;
-        setting exactly the default value cannot be told apart from not setting it)."""
-        if self.save_steps is None:
-            self.save_steps = 1
-        if self.last_fraction == DEFAULT_LAST_FRACTION and isinstance(self.steps, int) and self.steps > 0:
-            self.last_fraction = min(1.0, TAIL_STEPS / self.steps)
+        """Fill in the recipe's values of the checkpoint fields left as None (a value set explicitly wins)."""
+        if self.recipe == "converged-tail":
+            if self.save_steps is None:
+                self.save_steps = 1
+            if self.last_fraction is None:
+                self.last_fraction = min(1.0, TAIL_STEPS / self.steps)
+        elif self.last_fraction is None:  # sparse-tail; save_steps stays None: checkpoint_every gives steps / 20
+            self.last_fraction = DEFAULT_LAST_FRACTION
 
     @property
     def checkpoint_every(self) -> int:
-        """`save_steps`, or `max(1, steps // 20)` when it is None."""
+        """`save_steps`, or `max(1, steps // 20)` when it is None (the sparse-tail recipe)."""
         return self.save_steps if self.save_steps is not None else max(1, self.steps // 20)
 
     def lora_config(self):

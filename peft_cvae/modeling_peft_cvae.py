@@ -290,10 +290,15 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_bank(cls, bank, *, seed: int = 0, **config_overrides) -> "PeftCVAEGenerator":
+    def from_bank(cls, bank, *, seed: int = 0, task_memory: bool = True, **config_overrides) -> "PeftCVAEGenerator":
         """A new, untrained generator for a `LoraBank`: its layout, tasks, condition size and normalisation.
 
-        `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64, num_layers=4`. The weights
+        `task_memory=True` (the recommended design, see `PeftCVAEConfig.task_memory`) keeps each task's mean
+        checkpoint in the generator; `task_memory=False` gives the paper's plain CVAE, which on small banks of real
+        models decodes close to the bank mean for every task. The default is set here, not in `PeftCVAEConfig`
+        (whose default stays False), so that a config.json written before the field existed still loads as the plain
+        generator it was. `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64,
+        num_layers=4`. The weights
         are initialised from `seed` (0 by default) under a forked random state, so the same bank and seed give
         bit-identical generators, and `train_generator(seed=...)` then reproduces a whole run; torch's global
         random state is left as it was.
@@ -305,6 +310,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             condition_size=bank.condition_size,
             task_names=bank.task_names,
             task_descriptions=[bank.description(task) for task in bank.task_names],
+            task_memory=task_memory,
             **{"condition_encoder": bank.condition_encoder, **config_overrides},
         )
         # One pass over the bank, chunk by chunk (a bank on disk is never loaded whole); raises if it is empty.

@@ -20,7 +20,9 @@ def trained_generator(bank):
     """A small generator trained on `bank` (a few seconds); tests must not modify it."""
     from peft_cvae import PeftCVAEGenerator, train_generator
 
-    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
+    # The plain decoder (task_memory=False): the tests on this fixture are about what the network itself learns
+    # (the loss falls, fusion of decoded parameters); task memory, from_bank's default, is tested on its own.
+    generator = PeftCVAEGenerator.from_bank(bank, task_memory=False, **small_generator_overrides())
     history = train_generator(  # all 200 epochs (no early stopping): tests check the history's length
         generator, bank, epochs=200, lr=3e-3, batch_size=4, show_progress=False, early_stopping_patience=0
     )

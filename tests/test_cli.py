@@ -362,14 +362,23 @@ def test_collect_refuses_task_names_that_leave_the_adapter_folder(name, workspac
 
 def test_train_reads_a_yaml_config_and_the_command_line_wins(workspace, tmp_path):
     config = tmp_path / "train.yaml"
-    sizes = "patch_size: 16\nhidden-channels: 32\nlatent_size: 4\nnum_layers: 1\ntask_memory: true\n"
+    sizes = "patch_size: 16\nhidden-channels: 32\nlatent_size: 4\nnum_layers: 1\ntask_memory: false\n"
     config.write_text(f"epochs: 5\nlr: 5e-3\nbatch_size: 4\noutput: {tmp_path / 'generator'}\n{sizes}")
     assert main(["train", str(workspace["bank"]), "--config", str(config), "--epochs", "2"]) == 0
     record = json.loads((tmp_path / "generator" / "training_history.json").read_text())
     assert len(record["history"]) == 2  # --epochs on the command line beat the file's 5
     assert (record["run"]["lr"], record["run"]["batch_size"]) == (5e-3, 4)  # YAML reads 5e-3 as a string: converted
     config = PeftCVAEGenerator.from_pretrained(tmp_path / "generator").config
-    assert (config.hidden_channels, config.patch_size, config.task_memory) == (32, 16, True)
+    assert (config.hidden_channels, config.patch_size, config.task_memory) == (32, 16, False)
+
+
+def test_train_defaults_to_task_memory_and_no_task_memory_turns_it_off(workspace, tmp_path):
+    assert PeftCVAEGenerator.from_pretrained(workspace["generator"]).config.task_memory is True  # no flag given
+    sizes = ["--patch-size", "16", "--hidden-channels", "8", "--latent-size", "4", "--num-layers", "1"]
+    assert main(["train", str(workspace["bank"]), "--output", str(tmp_path / "g"), "--epochs", "1", *sizes,
+                 "--no-task-memory"]) == 0  # fmt: skip
+    plain = PeftCVAEGenerator.from_pretrained(tmp_path / "g")
+    assert plain.config.task_memory is False and plain.task_memory is None
 
 
 def test_collect_reads_a_json_config(workspace, tmp_path):
@@ -395,6 +404,12 @@ def test_collect_prints_its_cost_first_and_estimate_only_trains_nothing(workspac
     assert not (tmp_path / "b").exists()
     assert main([*args, "--steps", "50", "--save-steps", "10"]) == 0  # an explicit flag beats the recipe
     assert "4 checkpoints kept (steps 20..50)" in capsys.readouterr().out
+    default = [arg for arg in args if arg not in ("--recipe", "converged-tail")]
+    assert main([*default, "--steps", "50"]) == 0  # converged-tail is the default
+    out = capsys.readouterr().out
+    assert "recipe converged-tail" in out and "40 checkpoints kept (steps 11..50)" in out
+    assert main([*default, "--steps", "50", "--recipe", "sparse-tail"]) == 0  # the lighter preset
+    assert "8 checkpoints kept (steps 36..50)" in capsys.readouterr().out  # every 2nd step of the last third
 
 
 def test_collect_summary_gives_held_out_perplexity_and_one_bar_per_task(workspace, tmp_path, capsys):
@@ -489,9 +504,12 @@ def test_generate_reports_nearest_tasks_and_info_says_where_the_adapter_came_fro
     argv = ["generate", str(workspace["generator"]), "--description", "sentences about pets", "--output", str(adapter)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Nearest training tasks (cosine similarity):" in out
+    # The workspace's generator has task memory (train's default): each task's share of the adapter is listed too.
+    assert "Nearest training tasks (cosine similarity, task-memory weight):" in out
     listed = [line.split(":")[0].strip() for line in out.splitlines() if "similarity " in line]
     assert sorted(listed) == sorted(TASK_TEXTS)  # all three tasks, best first
+    weights = [float(line.rsplit("weight ", 1)[1]) for line in out.splitlines() if "similarity " in line]
+    assert abs(sum(weights) - 1) < 2e-3  # the softmax over the bank tasks
     assert (adapter / "README.md").is_file()
     assert main(["info", str(adapter)]) == 0
     out = capsys.readouterr().out

@@ -257,8 +257,8 @@ def test_collect_arguments_are_checked(overrides, words):
 
 
 def test_collect_arguments_defaults():
-    args = CollectArguments()
-    assert args.checkpoint_every == 6 and CollectArguments(steps=10).checkpoint_every == 1
+    args = CollectArguments(recipe="sparse-tail")
+    assert args.checkpoint_every == 6 and CollectArguments(steps=10, recipe="sparse-tail").checkpoint_every == 1
     config = args.lora_config()
     assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (8, 16, ["q_proj", "v_proj"])
 
@@ -282,9 +282,21 @@ def test_converged_tail_recipe_keeps_every_step_of_the_last_40():
     assert kept_steps(tiny.steps, tiny.checkpoint_every, tiny.last_fraction) == list(range(1, 31))
     explicit = CollectArguments(recipe="converged-tail", save_steps=4, last_fraction=0.5)  # flags given win
     assert (explicit.save_steps, explicit.last_fraction) == (4, 0.5)
-    assert CollectArguments().save_steps is None  # no recipe: the defaults are unchanged
+    default = CollectArguments()  # converged-tail is the default recipe
+    assert (default.recipe, default.save_steps, default.last_fraction) == ("converged-tail", 1, 40 / 120)
     with pytest.raises(InvalidConfigError, match="recipe must be one of"):
         CollectArguments(recipe="fast")
+
+
+def test_sparse_tail_recipe_keeps_the_old_defaults_and_explicit_values_win():
+    sparse = CollectArguments(recipe="sparse-tail")  # the default before converged-tail: every 6th of the last third
+    assert (sparse.save_steps, sparse.checkpoint_every, sparse.last_fraction) == (None, 6, 1 / 3)
+    assert kept_steps(sparse.steps, sparse.checkpoint_every, sparse.last_fraction) == list(range(84, 121, 6))
+    assert CollectArguments(recipe=None).recipe == "sparse-tail"  # a config file's null: no preset, as before
+    # An explicit value wins even when it equals the other recipe's (1/3 is sparse-tail's last_fraction).
+    third = CollectArguments(last_fraction=1 / 3)
+    assert (third.save_steps, third.last_fraction) == (1, 1 / 3)
+    assert kept_steps(60, third.checkpoint_every, third.last_fraction) == list(range(41, 61))  # not the last 40
 
 
 def test_cost_estimate_is_exact_on_disk_and_kept_steps_match_training(model_and_tokenizer, tmp_path):

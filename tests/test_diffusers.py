@@ -101,7 +101,9 @@ def unet_bank(unet_runs):
 
 @pytest.fixture(scope="module")
 def unet_generator(unet_bank):
-    generator = PeftCVAEGenerator.from_bank(unet_bank, **small_generator_overrides())
+    # The plain decoder: the tests check that the network itself learns the UNet LoRAs (the loss halves), which task
+    # memory would make moot (its task means already reconstruct them).
+    generator = PeftCVAEGenerator.from_bank(unet_bank, task_memory=False, **small_generator_overrides())
     history = train_generator(generator, unet_bank, epochs=60, lr=3e-3, batch_size=4, show_progress=False)
     generator.training_history = history
     return generator.eval()

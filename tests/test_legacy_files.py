@@ -59,3 +59,29 @@ def test_legacy_bank_manifest_hashes_are_still_checked(tmp_path):
     (folder / "conditions.safetensors").write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match="sha256"):
         LoraBank.from_pretrained(folder)
+
+
+def test_a_config_without_task_memory_loads_as_the_plain_generator_it_was(tmp_path):
+    """Generators saved before `task_memory` existed have no such key in config.json. The recommended design became
+    `from_bank`'s default, not `PeftCVAEConfig`'s, so such a generator still loads as the plain decoder it was."""
+    import json
+
+    from peft_cvae.integrity import write_integrity_record
+
+    bank = LoraBank.from_pretrained(LEGACY / "bank")
+    sizes = {"patch_size": 8, "hidden_channels": 8, "latent_size": 4, "num_layers": 1}
+    assert PeftCVAEGenerator.from_bank(bank, **sizes).config.task_memory is True  # the default of new generators
+    plain = PeftCVAEGenerator.from_bank(bank, task_memory=False, **sizes)
+    plain.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["task_memory"], config["task_memory_dtype"]  # as written before the fields existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    write_integrity_record(tmp_path / "old")  # the old folder's record matched its own config
+    loaded = PeftCVAEGenerator.from_pretrained(tmp_path / "old")
+    assert loaded.config.task_memory is False and loaded.task_memory is None
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(
+        loaded.generate_adapter("up", seed=0).state_dict[bank.layout.keys[0]],
+        plain.generate_adapter("up", seed=0).state_dict[bank.layout.keys[0]],
+    )

@@ -82,7 +82,9 @@ def trained_generator(bank: LoraBank, settings: Settings, cache: Path, tag: str)
     folder = cache / f"generator-{tag}-{settings.key(GENERATOR_FIELDS, *parts)}"
 
     def train(staging: Path) -> None:
-        generator = PeftCVAEGenerator.from_bank(bank, **settings.generator_overrides)
+        # The presets say task_memory explicitly when they want it: plain otherwise, as when they were recorded (the
+        # cache keys, made from generator_overrides, stay the same).
+        generator = PeftCVAEGenerator.from_bank(bank, **{"task_memory": False, **settings.generator_overrides})
         rss_before = peak_rss_mb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -12,7 +12,8 @@ from .utils import CLIError, add_command, dataclass_from, existing_path, require
 
 @dataclass
 class GeneratorSizeArguments:
-    """Network sizes of a new generator; None keeps `PeftCVAEConfig`'s default (shown in the help)."""
+    """Network sizes of a new generator; None keeps `PeftCVAEConfig`'s default (shown in the help). `task_memory`
+    defaults to True, as in `PeftCVAEGenerator.from_bank`."""
 
     _argument_group_name = "network size (defaults: PeftCVAEConfig's)"
 
@@ -35,13 +36,12 @@ class GeneratorSizeArguments:
     kl_weight: float | None = field(
         default=None, metadata={"help": f"beta of the KL term (default: {PeftCVAEConfig.kl_weight})"}
     )
-    task_memory: bool | None = field(
-        default=None,
+    # True as in from_bank: the recommended design. HfArgumentParser adds --no-task-memory for a bool that is True.
+    task_memory: bool = field(
+        default=True,
         metadata={
-            "help": "keep each task's mean checkpoint in the generator and decode around it "
-            f"(PeftCVAEConfig.task_memory; default: {PeftCVAEConfig.task_memory})",
-            "nargs": "?",
-            "const": True,
+            "help": "keep each task's mean checkpoint in the generator and decode around it (the recommended "
+            "design; --no-task-memory: the paper's plain CVAE, which on small banks decodes close to the bank mean)"
         },
     )
 
@@ -71,6 +71,9 @@ def register(commands) -> None:
     )
     parser.add_argument("bank", help="bank folder written by `peft-cvae collect` or LoraBank.save_pretrained")
     require(parser, "output_dir")  # optional in the library (train in memory), not here
+    for action in parser._actions:  # HfArgumentParser gives --no-task-memory the help of --task-memory
+        if "--no-task-memory" in action.option_strings:
+            action.help = "the paper's plain CVAE, without task memory"
     parser.set_defaults(handler=run)
 
 

@@ -57,6 +57,8 @@ def add_command(commands, name: str, dataclass_types=(), **kwargs) -> HfArgument
     parser = commands.add_parser(name, dataclass_types=list(dataclass_types), formatter_class=HelpFormatter, **kwargs)
     for action in parser._actions:  # -h, today's spellings (aliases such as --output), dashed, then underscored
         action.option_strings.sort(key=lambda option: _option_rank(option, action))
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser copies the help of the True option
+            action.help = f"turn --{action.dest.replace('_', '-')} off"
     if dataclass_types:
         parser.add_argument(
             "--config",
@@ -71,7 +73,10 @@ def add_command(commands, name: str, dataclass_types=(), **kwargs) -> HfArgument
 def _option_rank(option: str, action: argparse.Action) -> int:
     if not option.startswith("--"):
         return 0
-    if option not in (f"--{action.dest}", f"--{action.dest.replace('_', '-')}"):
+    dest = action.dest
+    if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_x/--no-x for a bool that is True
+        dest = f"no_{dest}"
+    if option not in (f"--{dest}", f"--{dest.replace('_', '-')}"):
         return 1  # an alias: the spelling the command line had before its options came from dataclasses
     return 3 if "_" in option else 2
 
