@@ -34,9 +34,9 @@ from peft_cvae.task_encoding import HiddenStateTaskEncoder  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 FACTORISED = {"architecture": "factorised", "task_memory_dtype": "bfloat16"}
 DESIGNS = {  # variant name -> from_bank overrides on top of the preset's generator_overrides
-    "plain": {},  # today's default: conv, no task memory (its cache entries are the benchmark's own)
+    "plain": {"task_memory": False},  # conv, no task memory (its cache entries are the benchmark's own)
     "task memory": {"task_memory": True},
-    "factorised": {"architecture": "factorised"},
+    "factorised": {"architecture": "factorised", "task_memory": False},
     "factorised + task memory (bf16)": {**FACTORISED, "task_memory": True},
     "factorised + task memory (bf16) + svd": {**FACTORISED, "task_memory": True, "canonical_form": "svd"},
 }

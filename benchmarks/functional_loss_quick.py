@@ -11,6 +11,7 @@ preset's settings (plain CVAE loss; CVAE loss + `--weight` x the answer NLL of t
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ def _conditions(cache: Path, names: list[str]) -> dict:
 
 
 def _train(bank, settings, functional=None, epochs=None, lr=None) -> tuple[PeftCVAEGenerator, list, float, int]:
-    generator = PeftCVAEGenerator.from_bank(bank, seed=settings.lora_seed, **settings.generator_overrides)
+    overrides = {"task_memory": False, **settings.generator_overrides}  # the plain decoder, as measured
+    generator = PeftCVAEGenerator.from_bank(bank, seed=settings.lora_seed, **overrides)
     epochs = epochs or settings.generator_epochs
     start = time.perf_counter()
     history = train_generator(
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
             "functional_per_step": seconds / steps,
         },
         "threads": torch.get_num_threads(),
-        "load_average": list(__import__("os").getloadavg()),
+        "load_average": list(os.getloadavg()),
         "history": {"plain": plain_history, "functional": history},
         "answer_nll": scores,
     }

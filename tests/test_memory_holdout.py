@@ -179,7 +179,7 @@ def test_memory_holdout_must_be_a_probability(bank, value):
 
 def test_memory_holdout_needs_the_task_memory(bank):
     with pytest.raises(InvalidConfigError, match="task_memory is off: pass task_memory=True"):
-        PeftCVAEGenerator.from_bank(bank, memory_holdout=0.5, **small_generator_overrides())
+        PeftCVAEGenerator.from_bank(bank, task_memory=False, memory_holdout=0.5, **small_generator_overrides())
 
 
 def test_memory_holdout_needs_the_bank_the_generator_was_built_from(bank, legacy_bank):
@@ -207,7 +207,7 @@ def test_memory_holdout_needs_two_tasks(bank):
 
 
 def test_hidden_tasks_without_a_task_memory_is_refused(bank):
-    generator = PeftCVAEGenerator.from_bank(bank, **small_generator_overrides())
+    generator = PeftCVAEGenerator.from_bank(bank, task_memory=False, **small_generator_overrides())
     params = bank.vectors()[:2]
     with pytest.raises(InvalidConfigError, match="has none"):
         generator(params, bank.checkpoint_conditions()[:2], hidden_tasks=torch.tensor([0, -1]))

@@ -31,7 +31,8 @@ from ..generator_training import train_timed
 from .presets import CONDITION_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
 from .selection import BenchTask
 
-GENERATOR_VARIANTS = {"plain": {}, "task memory": {"task_memory": True}}
+# "plain" asks for task_memory=False: from_bank defaults to task memory
+GENERATOR_VARIANTS = {"plain": {"task_memory": False}, "task memory": {"task_memory": True}}
 CONDITION_KINDS = ("description", "examples")
 
 
