@@ -27,7 +27,7 @@ from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
 
 from .collect import _ExampleDataset, _pad_token_id, _RightPadCollator, answer_loss, quiet_libraries
-from .errors import ConditionError, InvalidConfigError, LayoutMismatchError, UnknownTaskError
+from .errors import InvalidConfigError, LayoutMismatchError, UnknownTaskError
 from .task_data import TaskData
 
 __all__ = ["FunctionalLoss"]
@@ -119,23 +119,6 @@ class FunctionalLoss:
                 f"The generator's tasks {missing} have no examples in the functional loss; pass a TaskData for every "
                 "bank task (tasks={name: TaskData}), keyed by the bank's task names."
             )
-
-    def tasks_of(self, condition: torch.Tensor, generator) -> list[str]:
-        """The task name of each row of `condition` (B, cond): the generator's task whose condition it is.
-
-        `train_generator` batches hold conditions, not task names; each bank task has one condition vector, stored
-        in `generator.task_conditions` in `generator.config.task_names` order, so the row that equals it names it.
-        """
-        known = generator.task_conditions.float()  # (T, cond)
-        distance = torch.cdist(condition.detach().float().to(known.device), known)  # (B, T)
-        nearest = distance.min(dim=1)
-        tolerance = 1e-5 * (1 + known.norm(dim=1).max())
-        if (nearest.values > tolerance).any():
-            raise ConditionError(
-                "A training condition equals no task condition of the generator, so its task (and examples) is "
-                "unknown. Train the generator on the bank it was built from (PeftCVAEGenerator.from_bank(bank))."
-            )
-        return [generator.config.task_names[index] for index in nearest.indices.tolist()]
 
     def __call__(self, vectors: torch.Tensor, tasks: list[str], *, step: int = 0, first_row: int = 0) -> torch.Tensor:
         """Mean over the B samples of the answer NLL (per answer token) of `examples_per_task` examples of each

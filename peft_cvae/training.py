@@ -365,7 +365,7 @@ class _Loop:
                 output = model(params, condition, noise=noise, hidden_tasks=hidden)
                 loss, functional = output.loss, torch.zeros((), device=accelerator.device)
                 if self.functional_loss is not None:  # the decoded (sampled) LoRAs on the frozen base model
-                    functional = self._functional(output.reconstruction, condition, epoch, batch_index, first)
+                    functional = self._functional(output.reconstruction, task, epoch, batch_index, first)
                     loss = loss + self.functional_loss.weight * functional
                 accelerator.backward(loss)
                 if self.args.max_grad_norm is not None and accelerator.sync_gradients:
@@ -387,10 +387,11 @@ class _Loop:
             record["functional_loss"] = totals[3].item()
         return record
 
-    def _functional(self, reconstruction, condition, epoch: int, batch_index: int, first: int) -> torch.Tensor:
+    def _functional(self, reconstruction, task, epoch: int, batch_index: int, first: int) -> torch.Tensor:
         """The functional loss of a batch's decoded LoRAs (normalised `reconstruction` (B, N)); each sample's task is
-        the bank task whose condition it carries, its examples drawn from (epoch, batch, row in the global batch)."""
-        tasks = self.functional_loss.tasks_of(condition, self.generator)
+        its bank task index `task` (B,), in the generator's task order (`check_task_indices`), its examples drawn
+        from (epoch, batch, row in the global batch)."""
+        tasks = [self.generator.config.task_names[index] for index in task.tolist()]
         vectors = self.generator.denormalize(reconstruction)  # (B, N) raw flat LoRA vectors (canonical form if set)
         step = epoch * len(self.loader) + batch_index
         return self.functional_loss(vectors, tasks, step=step, first_row=first)

@@ -19,7 +19,7 @@ from peft_cvae.collect import (
 from peft_cvae.errors import InvalidConfigError, LayoutMismatchError, UnknownTaskError
 from peft_cvae.file_utils import read_json
 from peft_cvae.functional_loss import FunctionalLoss
-from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama
+from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama_for
 
 CORPUS = [" ".join(str((i * 7 + k) % 100) for k in range(40)) for i in range(4)] + [
     "Q: what is 2 plus 3? A: 5",
@@ -45,13 +45,7 @@ TRAINING = {"epochs": 12, "lr": 1e-2, "batch_size": 4, "show_progress": False}
 def setup():
     """(base model, tokenizer, bank): a few real LoRA checkpoints per task, trained by `collect` (answer-only loss)."""
     tokenizer = tiny_bpe_tokenizer(CORPUS)
-    base = tiny_llama(
-        vocab_size=len(tokenizer),
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    base = tiny_llama_for(tokenizer, initializer_range=0.3)
     bank = None
     for index, task in enumerate(TASKS):
         condition = torch.nn.functional.one_hot(torch.tensor(index), 4).float() + 0.1
@@ -100,8 +94,7 @@ def test_gradients_reach_the_decoder_and_not_the_base_model(setup):
     conditions = bank.checkpoint_conditions()[:4]
     params = torch.stack([bank.vector(index) for index in range(4)])
     output = generator(params, conditions)
-    tasks = loss.tasks_of(conditions, generator)
-    assert tasks == [bank.checkpoints[index].task for index in range(4)]
+    tasks = [bank.checkpoints[index].task for index in range(4)]
     value = loss(generator.denormalize(output.reconstruction), tasks)
     value.backward()
     assert torch.isfinite(value)
