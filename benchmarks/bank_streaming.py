@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.scaling import LAYOUTS, Layout, _reset_peak_rss, _rss_mb  # noqa: E402
+from benchmarks.scaling import LAYOUTS, Layout, _reset_peak_rss, _rss_mb, random_bank  # noqa: E402
 
 STREAM_LAYOUT = LAYOUTS[1]  # SmolLM2-135M r=16 all-linear
 READ_LAYOUT = LAYOUTS[3]  # Llama-3-8B r=16 all-linear
@@ -43,24 +43,10 @@ def write_bank(layout: Layout, num_checkpoints: int, num_tasks: int, folder: Pat
     """Write a bank of random checkpoints of `layout`, one checkpoint at a time (never all in memory): a bank of one
     checkpoint per task saved by `LoraBank.save_pretrained`, then more checkpoint files and manifest entries, then the
     integrity record written again over all of them. Returns the bank's bytes."""
-    import torch
-    from peft import LoraConfig
-
-    from peft_cvae import LoraBank, LoraLayout
     from peft_cvae.file_utils import read_json, write_json, write_safetensors
     from peft_cvae.integrity import write_integrity_record
 
-    shapes = layout.state_dict_shapes()
-    generator = torch.Generator().manual_seed(0)
-
-    def checkpoint():
-        return {key: torch.randn(shape, generator=generator) * 0.01 for key, shape in shapes.items()}
-
-    config = LoraConfig(r=layout.rank, lora_alpha=2 * layout.rank, target_modules=list(layout.modules))
-    bank = LoraBank(LoraLayout.from_state_dict(checkpoint(), config))
-    for task in range(num_tasks):
-        bank.add_checkpoint(f"task{task}", checkpoint(), step=0)
-        bank.set_condition(f"task{task}", torch.randn(384, generator=generator))
+    bank, checkpoint = random_bank(layout, None, num_tasks, per_task=1)
     bank.save_pretrained(folder)
     del bank
     manifest = read_json(folder / "bank.json")

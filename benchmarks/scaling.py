@@ -119,7 +119,10 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _build_bank(layout: Layout, num_layers: int | None, num_tasks: int, per_task: int, folder: Path):
+def random_bank(layout: Layout, num_layers: int | None, num_tasks: int, per_task: int):
+    """`(bank, checkpoint)`: an in-memory bank of `per_task` random checkpoints (scale 0.01) and one random 384-d
+    condition for each of `num_tasks` tasks, and the function that drew them, which goes on with the same seeded
+    stream (`bank_streaming.write_bank` draws its further checkpoints from it)."""
     import torch
     from peft import LoraConfig
 
@@ -137,6 +140,11 @@ def _build_bank(layout: Layout, num_layers: int | None, num_tasks: int, per_task
         for step in range(per_task):
             bank.add_checkpoint(f"task{task}", checkpoint(), step=step)
         bank.set_condition(f"task{task}", torch.randn(384, generator=generator))
+    return bank, checkpoint
+
+
+def _build_bank(layout: Layout, num_layers: int | None, num_tasks: int, per_task: int, folder: Path):
+    bank, _ = random_bank(layout, num_layers, num_tasks, per_task)
     bank.save_pretrained(folder)
 
 
