@@ -130,6 +130,18 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64, **config_overrides):
     return tiny_causal_lm("llama", seed, vocab_size, **config_overrides)
 
 
+def tiny_llama_for(tokenizer, seed: int = 0, **config_overrides):
+    """`tiny_llama` sized for `tokenizer` (e.g. `tiny_bpe_tokenizer`'s): its vocabulary and bos/eos/pad token ids."""
+    return tiny_llama(
+        seed,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
+    )
+
+
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64):
     """A 2-layer `GPT2LMHeadModel` of width 16 (in eval mode): a causal LM that is not Llama-shaped."""
     return tiny_causal_lm("gpt2", seed, vocab_size)

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_cvae import LoraBank, PeftCVAEGenerator, merge_adapters
 from peft_cvae.cli import main
-from peft_cvae.testing_utils import tiny_bert, tiny_bpe_tokenizer, tiny_llama
+from peft_cvae.testing_utils import tiny_bert, tiny_bpe_tokenizer, tiny_llama, tiny_llama_for
 
 COMMANDS = ["collect", "train", "generate", "merge", "evaluate", "info", "plot"]
 TASK_TEXTS = {  # three easily told apart "domains"
@@ -52,13 +52,8 @@ def workspace(tmp_path_factory):
     """Base model, sentence encoder, task texts and spec files in folders; then one collect and one train run."""
     root = tmp_path_factory.mktemp("cli")
     tokenizer = tiny_tokenizer()
-    base = tiny_llama(
-        vocab_size=len(tokenizer),
-        initializer_range=0.3,  # larger random logits, so that a few LoRA steps visibly change them
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # larger random logits, so that a few LoRA steps visibly change them
+    base = tiny_llama_for(tokenizer, initializer_range=0.3)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     encoder = tiny_bert(len(tokenizer))

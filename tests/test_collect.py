@@ -25,7 +25,7 @@ from peft_cvae.collect import (
 )
 from peft_cvae.collect_cost import estimate_collect_cost, kept_steps
 from peft_cvae.errors import InvalidConfigError, PeftCVAEError
-from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama
+from peft_cvae.testing_utils import tiny_bpe_tokenizer, tiny_llama_for
 
 CORPUS = [" ".join(str((i * 7 + k) % 100) for k in range(40)) for i in range(4)] + [
     "Q: what is 2 plus 3? A: 5",
@@ -45,13 +45,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def model_and_tokenizer():
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left"  # a chat-style tokenizer: training batches must still be right-padded
-    base = tiny_llama(
-        vocab_size=len(tokenizer),
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    base = tiny_llama_for(tokenizer, initializer_range=0.3)
     return base, tokenizer
 
 
