@@ -30,6 +30,17 @@ def trained_generator(bank):
     return generator.eval()
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Benchmark workers run in-process by smoke tests call `torch.set_num_threads`; restore the count afterwards, so
+    a later test's float results (compared bit for bit with committed fixtures) do not depend on which ran first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state; reset it so a test can ask for another mixed precision."""
