@@ -55,6 +55,7 @@ def _train(bank, settings, functional=None, epochs=None, lr=None) -> tuple[PeftC
     history = train_generator(
         generator, bank, epochs=epochs, lr=lr or settings.generator_lr, batch_size=settings.generator_batch_size,
         seed=settings.lora_seed, functional_loss=functional, show_progress=True,
+        early_stopping_patience=0,  # every epoch runs: `steps` below counts them all
     )  # fmt: skip
     seconds = time.perf_counter() - start
     steps = epochs * -(-len(bank) // settings.generator_batch_size)

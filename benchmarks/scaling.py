@@ -213,7 +213,10 @@ def worker(layout: Layout, num_layers: int | None, args, train: bool = True) -> 
         epochs = math.ceil(steps * args.batch_size / len(bank))
         _reset_peak_rss()
         start = time.perf_counter()
-        train_generator(generator, bank, epochs=epochs, batch_size=args.batch_size, show_progress=False)
+        # every epoch runs (no early stopping), so that train_steps below counts the steps that were timed
+        train_generator(
+            generator, bank, epochs=epochs, batch_size=args.batch_size, show_progress=False, early_stopping_patience=0
+        )
         seconds = time.perf_counter() - start
         record["train_peak_rss_mb"] = _rss_mb("VmHWM")
         record["train_steps"] = epochs * math.ceil(len(bank) / args.batch_size)

@@ -33,7 +33,7 @@ def test_arguments_object_and_keywords_train_the_same_generator(bank):
 def test_keyword_defaults_are_the_dataclass_defaults():
     args = GeneratorTrainingArguments()
     assert (args.lr, args.batch_size, args.seed, args.checkpoint_every) == (1e-3, 16, 0, None)
-    assert (args.epochs, args.early_stopping_patience, args.early_stopping_min_delta) == (300, 20, 1e-3)
+    assert (args.epochs, args.early_stopping_patience, args.early_stopping_min_delta) == (300, 10, 0.01)
     with pytest.raises(TypeError, match="epoch_count"):
         train_generator(None, None, epoch_count=3)
 
