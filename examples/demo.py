@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from benchmarks.assets import smollm2_path, use_offline_minilm  # noqa: E402
 from benchmarks.text_domains import DOMAINS, load_domain_texts  # noqa: E402
-from peft_cvae import GeneratedAdapter, LoraBank  # noqa: E402
+from peft_cvae import LoraBank, merge_adapters  # noqa: E402
 from peft_cvae.cli import main as peft_cvae  # noqa: E402
 
 DEFAULT_DOMAINS = ["sport", "tech", "entertainment"]
@@ -158,11 +158,7 @@ def main(argv=None) -> None:
 
 def write_soup(bank_dir: Path, folder: Path) -> None:
     """The control a generator must beat: a "model soup", the uniform average of every domain's final LoRA."""
-    bank = LoraBank.from_pretrained(bank_dir)
-    finals = [bank.checkpoints_of(task)[-1].state_dict for task in bank.task_names]
-    average = {key: torch.stack([final[key] for final in finals]).mean(dim=0) for key in bank.layout.keys}
-    metadata = {"kind": "model soup: uniform average of the final LoRAs of " + ", ".join(bank.task_names)}
-    GeneratedAdapter(state_dict=average, layout=bank.layout, metadata=metadata).save_pretrained(folder)
+    merge_adapters(LoraBank.from_pretrained(bank_dir), "soup", per_task="last").save_pretrained(folder)
 
 
 def _fingerprint(folder: Path) -> str:

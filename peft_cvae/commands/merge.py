@@ -14,8 +14,9 @@ class MergeArguments:
     method: str = field(
         default="soup",
         metadata={
-            "help": "soup (equal-weight linear average), ties, svd, cat, ties_svd, dare_linear, dare_ties, "
-            "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd (PEFT's add_weighted_adapter), "
+            "help": "soup (the element-wise average of the LoRA tensors, the benchmarks' mean of the bank), linear, "
+            "ties, svd, cat, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
+            "magnitude_prune_svd (PEFT's add_weighted_adapter), "
             "or nearest (the bank task closest to --description)"
         },
     )
@@ -46,9 +47,10 @@ def register(commands) -> None:
         "merge",
         [MergeArguments],
         help="write a baseline adapter (soup, TIES, nearest task) from a bank",
-        description="Merge a bank's LoRAs into one PEFT adapter with PEFT's add_weighted_adapter (model soup, TIES, "
-        "SVD, cat, DARE), or pick the bank task nearest to a description: the baselines to compare a generated "
-        "adapter with (peft-cvae evaluate --adapter soup=... --adapter generated=...).",
+        description="Merge a bank's LoRAs into one PEFT adapter: a model soup (the element-wise average), PEFT's "
+        "add_weighted_adapter (TIES, SVD, cat, DARE, linear), or pick the bank task nearest to a description: the "
+        "baselines to compare a generated adapter with (peft-cvae evaluate --adapter soup=... "
+        "--adapter generated=...).",
     )
     parser.add_argument("bank", help="LoRA bank folder")
     parser.set_defaults(handler=run)
