@@ -144,8 +144,9 @@ def run_stage(name: str, work: Path, lines: list[list[str]] | None, environment:
         write_texts(work)
     for line in lines or []:
         command = [sys.executable, "-m", "peft_cvae.cli", *line]
-        finished = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True)
-        print(finished.stdout[-3000:], finished.stderr[-1500:] if finished.returncode else "", sep="\n", flush=True)
+        # stdout (the command's summary) is kept in the record; stderr (progress bars, warnings) shows as it runs
+        finished = subprocess.run(command, cwd=work, env=environment, stdout=subprocess.PIPE, text=True)
+        print(finished.stdout[-3000:], flush=True)
         if finished.returncode:
             raise SystemExit(f"Stage {name!r} failed (exit {finished.returncode}): peft-cvae {' '.join(line)}")
         outputs.append(finished.stdout)
@@ -200,6 +201,10 @@ def markdown(results: dict) -> str:
         markdown_table(["stage", "wall (min)", "CPU (min, user + sys)", "commands"], rows),
         "",
     ]
+    if "collect" in stages:
+        summaries = [line for line in stages["collect"]["stdout"][0].splitlines() if "held-out perplexity" in line]
+        lines += ["`collect`'s summary of each task (held-out perplexity of the base model -> its own LoRA):", ""]
+        lines += ["```", *summaries, "```", ""]
     if summary["train_epochs"] is not None:
         lines += [f"`train` ran {summary['train_epochs']} epochs with the default early stopping.", ""]
     before = {name: stages[name] for name in stages if name not in PATH_STAGES}
