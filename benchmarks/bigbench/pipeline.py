@@ -31,8 +31,14 @@ from ..generator_training import train_timed
 from .presets import CONDITION_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
 from .selection import BenchTask
 
-# "plain" asks for task_memory=False: from_bank defaults to task memory
-GENERATOR_VARIANTS = {"plain": {"task_memory": False}, "task memory": {"task_memory": True}}
+# "plain" asks for task_memory=False: from_bank defaults to task memory. "task memory + holdout 0.5" hides a sample's
+# own task from the memory half the time in training (PeftCVAEConfig.memory_holdout), so that the decoder learns to
+# correct the neighbours' mix from the condition: issue 13's "retrieval prior with the CVAE decoding the correction".
+GENERATOR_VARIANTS = {
+    "plain": {"task_memory": False},
+    "task memory": {"task_memory": True},
+    "task memory + holdout 0.5": {"task_memory": True, "memory_holdout": 0.5},
+}
 CONDITION_KINDS = ("description", "examples")
 
 

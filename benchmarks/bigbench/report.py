@@ -17,7 +17,7 @@ __all__ = ["console_table", "markdown", "plots", "summarize"]
 
 BASELINES = ("multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix")
 FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES)
-VARIANT_ORDER = ("plain", "task memory")
+VARIANT_ORDER = ("plain", "task memory", "task memory + holdout 0.5")
 
 
 def ordered(names) -> list[str]:
