@@ -219,8 +219,9 @@ class GenerateAdapterMixin:
         if len(conditions) == 1 or combine == "condition":  # mix the task vectors, decode once
             condition = conditions[0] if len(conditions) == 1 else (weights[:, None] * conditions.float()).sum(dim=0)
             return self.decode(latent, condition[None])
-        decoded = torch.cat(  # the same z decoded under each task's condition, one at a time (T, N), normalised
-            [self._decoder_only(latent, self._check_condition(c[None], 1)) for c in conditions]
+        decoded = torch.cat(  # the same z decoded under each task's condition, one at a time (T, N), normalised,
+            # task memory included: each task's adapter as generate_adapter(task) writes it, so that the mix is theirs
+            [self._decode_normalized(latent, self._check_condition(c[None], 1)) for c in conditions]
         )
         mixed = (weights[:, None].to(decoded) * decoded).sum(dim=0, keepdim=True)  # (1, N)
         return self.denormalize(mixed)

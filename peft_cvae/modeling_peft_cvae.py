@@ -570,14 +570,6 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         decoded = self.unpatchify(self.decoder(latent, condition, feature))  # (B, N)
         return decoded + self.task_memory.mix(weights)
 
-    def _decoder_only(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, Z), (B, cond) -> the decoder's own output (B, N), normalised, without the task memory's mix; with
-        `config.memory_holdout` > 0 the decoder still gets the memory's best similarity (its input)."""
-        feature = None
-        if self.task_memory is not None and self.config.memory_holdout > 0:
-            feature = self.task_memory.weights(condition, self.task_conditions)[1]  # (B,)
-        return self.unpatchify(self.decoder(latent, condition, feature))
-
     def forward(
         self,
         params: torch.Tensor,

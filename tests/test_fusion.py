@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from peft_cvae import ConditionError
 from peft_cvae.testing_utils import tiny_llama
+from tests.testing_utils import small_generator_overrides
 
 
 def same_adapter(first, second) -> bool:
@@ -29,6 +30,27 @@ def test_a_weight_of_one_on_a_task_gives_exactly_that_tasks_adapter(trained_gene
         assert same_adapter(other, trained_generator.generate_adapter("descending", seed=seed))
     samples = trained_generator.generate_adapter(["ascending", "descending"], weights=[1, 0], seed=2, num_samples=2)
     assert [same_adapter(s, trained_generator.generate_adapter("ascending", seed=2)) for s in samples] == [True, False]
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.5])
+def test_parameter_fusion_with_task_memory_mixes_the_tasks_own_adapters(bank, holdout):
+    """With task memory a task's adapter is its stored mean plus the decoder's correction; a parameter fusion must mix
+    those, not the decoder's corrections alone (which wrote about the bank mean for every weight)."""
+    from peft_cvae import PeftCVAEGenerator
+
+    torch.manual_seed(0)
+    generator = PeftCVAEGenerator.from_bank(
+        bank, task_memory=True, memory_holdout=holdout, **small_generator_overrides()
+    ).eval()
+    tasks = ["ascending", "descending", "repeating"]
+    singles = [generator.generate_adapter(task, seed=3) for task in tasks]
+    fused = generator.generate_adapter(tasks, weights=[1, 0, 0], seed=3, combine="parameters")
+    for key in fused.state_dict:
+        torch.testing.assert_close(fused.state_dict[key], singles[0].state_dict[key])
+    fused = generator.generate_adapter(tasks, weights=[0.2, 0.3, 0.5], seed=3, combine="parameters")
+    for key in fused.state_dict:
+        expected = sum(w * single.state_dict[key] for w, single in zip((0.2, 0.3, 0.5), singles))
+        torch.testing.assert_close(fused.state_dict[key], expected)
 
 
 def test_condition_fusion_decodes_the_weighted_mean_condition(trained_generator, bank):
