@@ -251,7 +251,7 @@ def test_collect_arguments_are_checked(overrides, words):
 
 
 def test_collect_arguments_defaults():
-    args = CollectArguments(recipe="sparse-tail")
+    args = CollectArguments(recipe="sparse-tail", steps=120)
     assert args.checkpoint_every == 6 and CollectArguments(steps=10, recipe="sparse-tail").checkpoint_every == 1
     config = args.lora_config()
     assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (8, 16, ["q_proj", "v_proj"])
@@ -267,23 +267,24 @@ def test_text_condition_needs_descriptions(model_and_tokenizer):
 
 # ---- the converged-tail recipe and the cost estimate ----------------------------------------------------------------
 def test_converged_tail_recipe_keeps_every_step_of_the_last_40():
-    args = CollectArguments(recipe="converged-tail")
+    args = CollectArguments(recipe="converged-tail", steps=120)
     assert (args.save_steps, args.checkpoint_every) == (1, 1)
     assert kept_steps(args.steps, args.checkpoint_every, args.last_fraction) == list(range(81, 121))
-    short = CollectArguments(recipe="converged-tail", steps=60)
+    short = CollectArguments(recipe="converged-tail")  # the default 60 steps
     assert kept_steps(short.steps, short.checkpoint_every, short.last_fraction) == list(range(21, 61))
     tiny = CollectArguments(recipe="converged-tail", steps=30)  # shorter than the tail: every step
     assert kept_steps(tiny.steps, tiny.checkpoint_every, tiny.last_fraction) == list(range(1, 31))
     explicit = CollectArguments(recipe="converged-tail", save_steps=4, last_fraction=0.5)  # flags given win
     assert (explicit.save_steps, explicit.last_fraction) == (4, 0.5)
     default = CollectArguments()  # converged-tail is the default recipe
-    assert (default.recipe, default.save_steps, default.last_fraction) == ("converged-tail", 1, 40 / 120)
+    assert (default.recipe, default.save_steps, default.last_fraction) == ("converged-tail", 1, 40 / 60)
+    assert (default.steps, default.batch_size, default.lr) == (60, 4, 1e-3)
     with pytest.raises(InvalidConfigError, match="recipe must be one of"):
         CollectArguments(recipe="fast")
 
 
 def test_sparse_tail_recipe_keeps_the_old_defaults_and_explicit_values_win():
-    sparse = CollectArguments(recipe="sparse-tail")  # the default before converged-tail: every 6th of the last third
+    sparse = CollectArguments(recipe="sparse-tail", steps=120)  # the default before: every 6th of the last third
     assert (sparse.save_steps, sparse.checkpoint_every, sparse.last_fraction) == (None, 6, 1 / 3)
     assert kept_steps(sparse.steps, sparse.checkpoint_every, sparse.last_fraction) == list(range(84, 121, 6))
     assert CollectArguments(recipe=None).recipe == "sparse-tail"  # a config file's null: no preset, as before
