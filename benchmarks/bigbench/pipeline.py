@@ -14,6 +14,7 @@ Nothing is written half: banks and generators go through `save_pretrained` (atom
 """
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -179,8 +180,18 @@ def train_generators(banks: dict[str, LoraBank], settings: Settings, cache: Path
 
 
 def generated_vector(generator: PeftCVAEGenerator, condition: torch.Tensor) -> torch.Tensor:
-    """The LoRA the generator writes for a condition at z = 0 (its mean), as a flat vector. Shape (N,)."""
-    adapter = generator.generate_adapter(condition.float(), temperature=0.0)
+    """The LoRA the generator writes for a condition at z = 0 (its mean), as a flat vector. Shape (N,).
+
+    Held-out tasks, shuffled descriptions and random strings are far from the bank by design, so generate_adapter's
+    "not close to any training task" warning (meant for a user's one request) is silenced here: it came once per
+    scored condition and buried the progress bars."""
+    generation_log = logging.getLogger("peft_cvae.generation")
+    level = generation_log.level
+    generation_log.setLevel(logging.ERROR)
+    try:
+        adapter = generator.generate_adapter(condition.float(), temperature=0.0)
+    finally:
+        generation_log.setLevel(level)
     return generator.config.lora_layout.flatten({k: v.float() for k, v in adapter.state_dict.items()})
 
 
