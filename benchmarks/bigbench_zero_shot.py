@@ -315,7 +315,9 @@ def main(argv=None) -> dict:
         pipeline.save_json(results, json_path)
     full_exists = (args.output_dir / "bigbench_zero_shot_full.json").is_file()
     page = ROOT.parent / "docs" / REPORT_PAGE
-    to_docs = args.preset == "full" and not args.split_seed or (args.preset == "quick" and not full_exists)
+    # docs/ shows the default split's run of record (full, or quick until full exists); other split seeds write their
+    # report next to their JSON
+    to_docs = not args.split_seed and (args.preset == "full" or (args.preset == "quick" and not full_exists))
     to_docs = to_docs and args.output_dir.resolve() == (ROOT / "results").resolve()
     images = report.plots(results, args.output_dir, prefix)
     destination = page if to_docs else args.output_dir / f"{prefix}.md"
