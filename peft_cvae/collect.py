@@ -83,7 +83,7 @@ class CollectArguments:
         default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules to adapt"}
     )
     # Sized for small tasks on a CPU (issue 16: four domains of 40 texts, from text files to evaluated adapters, in
-    # 11.4 min on 2 cores, docs/benchmarks_tutorial_path.md): 60 steps of 4 blocks of 128 tokens, about 30k tokens
+    # about 12 min on 2 cores, docs/benchmarks_tutorial_path.md): 60 steps of 4 blocks of 128 tokens, about 30k tokens
     # per task. The defaults before, 120 steps of 8 at lr 2e-4, trained on 4x the tokens: 38 min of collect alone.
     steps: int = field(default=60, metadata={"help": "optimiser steps per task"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate, cosine decay to 0"})

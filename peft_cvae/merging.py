@@ -220,9 +220,8 @@ def merge_adapters(
     sources = _sources(bank_or_adapters, per_task)
     if not sources:
         raise InvalidArgumentError("There are no adapters to merge; pass at least one.")
-    combination = method
     if weights is None:
-        weights = [1.0 if "ties" in combination else 1.0 / len(sources)] * len(sources)
+        weights = [1.0 if "ties" in method else 1.0 / len(sources)] * len(sources)
     weights = [float(weight) for weight in weights]
     if len(weights) != len(sources):
         raise InvalidArgumentError(f"Got {len(weights)} weights for {len(sources)} adapters; pass one per adapter.")
@@ -255,9 +254,9 @@ def merge_adapters(
                 names,
                 weights,
                 "merged",
-                combination_type=combination,
+                combination_type=method,
                 svd_rank=svd_rank,
-                density=density if any(word in combination for word in ("ties", "dare", "prune")) else None,
+                density=density if any(word in method for word in ("ties", "dare", "prune")) else None,
                 majority_sign_method=majority_sign_method,
             )
         except ValueError as error:  # e.g. linear/ties of adapters with different ranks
