@@ -19,6 +19,7 @@ does not fit) end with one line on stderr and exit status 2, never a traceback; 
 
 import logging
 import sys
+import warnings
 
 from transformers import HfArgumentParser
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # peft 0.21's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on
+    # every adapter `evaluate` or `generate --base-model` loads, about the two libraries, that the user cannot act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.handler(args)
     except (PeftCVAEError, OSError) as error:  # user mistakes: missing files, bad specs, mismatched adapters
