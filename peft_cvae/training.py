@@ -290,6 +290,7 @@ class _Loop:
     per_process_batch: int
     global_batch_size: int
     run: dict
+    task_names: list[str]  # the bank's: a batch's task index (BankDataset) is a position in this list
     functional_loss: object = None  # a FunctionalLoss, or None
 
     @classmethod
@@ -342,7 +343,7 @@ class _Loop:
             run.update(functional_loss.settings())
         return cls(
             args, accelerator, generator, model, optimizer, loader, scheduler, noise_generator, per_process_batch,
-            global_batch_size, run, functional_loss,
+            global_batch_size, run, bank.task_names, functional_loss,
         )  # fmt: skip
 
     def train_epoch(self, epoch: int) -> dict:
@@ -389,9 +390,8 @@ class _Loop:
 
     def _functional(self, reconstruction, task, epoch: int, batch_index: int, first: int) -> torch.Tensor:
         """The functional loss of a batch's decoded LoRAs (normalised `reconstruction` (B, N)); each sample's task is
-        its bank task index `task` (B,), in the generator's task order (`check_task_indices`), its examples drawn
-        from (epoch, batch, row in the global batch)."""
-        tasks = [self.generator.config.task_names[index] for index in task.tolist()]
+        the bank task at its index `task` (B,), its examples drawn from (epoch, batch, row in the global batch)."""
+        tasks = [self.task_names[index] for index in task.tolist()]
         vectors = self.generator.denormalize(reconstruction)  # (B, N) raw flat LoRA vectors (canonical form if set)
         step = epoch * len(self.loader) + batch_index
         return self.functional_loss(vectors, tasks, step=step, first_row=first)

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
-from peft_cvae import LoraLayout, PeftCVAEGenerator, train_generator
+from peft_cvae import LoraBank, LoraLayout, PeftCVAEGenerator, train_generator
 from peft_cvae.collect import (
     CollectArguments,
     TaskData,
@@ -135,6 +135,37 @@ def test_the_run_record_names_the_functional_loss(setup, tmp_path):
     assert record["run"]["functional_loss_examples_per_task"] == 4
     assert set(record["history"][0]) == {"epoch", "loss", "reconstruction_loss", "kl_loss", "lr", "functional_loss"}
     assert PeftCVAEGenerator.from_pretrained(tmp_path / "run").config.task_names == bank.task_names
+
+
+def test_each_sample_is_scored_on_its_own_bank_task_whatever_the_generators_task_order(setup, monkeypatch):
+    """A batch carries each checkpoint's task as its index in the bank's task list; the functional loss must get the
+    bank's name for it, also when the generator was built from a bank listing the same tasks in another order."""
+    _, _, bank = setup
+    reordered = LoraBank(bank.layout)
+    for task in reversed(bank.task_names):
+        for checkpoint in bank.checkpoints_of(task):
+            reordered.add_checkpoint(task, checkpoint.state_dict, checkpoint.step)
+        reordered.set_condition(task, bank.condition(task))
+    generator = PeftCVAEGenerator.from_bank(reordered, **GENERATOR)
+    assert generator.config.task_names == list(reversed(bank.task_names))
+    conditions, tasks = [], []
+    forward, score = PeftCVAEGenerator.forward, FunctionalLoss.__call__
+
+    def recording_forward(self, params, condition, *args, **kwargs):
+        conditions.append(condition.detach().clone())
+        return forward(self, params, condition, *args, **kwargs)
+
+    def recording_score(self, vectors, batch_tasks, **kwargs):
+        tasks.append(list(batch_tasks))
+        return score(self, vectors, batch_tasks, **kwargs)
+
+    monkeypatch.setattr(PeftCVAEGenerator, "forward", recording_forward)
+    monkeypatch.setattr(FunctionalLoss, "__call__", recording_score)
+    train_generator(generator, bank, functional_loss=functional(setup), **{**TRAINING, "epochs": 1})
+    assert len(conditions) == len(tasks) > 0
+    for batch_conditions, batch_tasks in zip(conditions, tasks):
+        own = [next(t for t in bank.task_names if torch.equal(bank.condition(t), row)) for row in batch_conditions]
+        assert batch_tasks == own
 
 
 def test_without_the_hook_training_is_bit_identical(setup):
