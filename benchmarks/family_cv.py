@@ -19,7 +19,8 @@ generator settings, and each fold task is scored as an unseen task:
 
 Candidates: base, oracle (the task's own final LoRA), own checkpoint mean, mean of the bank LoRAs, nearest-description
 retrieval, the top-k mix (`pipeline.similarity_mix` with the preset's top_k / temperature), and the generators at
-z = 0. Writes `benchmarks/results/family_cv_<preset>.json` and `docs/benchmarks_family_cv.md` after every task.
+z = 0. Writes `benchmarks/results/family_cv_<preset>.json` and `docs/benchmarks_family_cv_<preset>.md` after every
+task.
 """
 
 import argparse
@@ -158,6 +159,7 @@ def run(args, save) -> dict:
         "parameters": {},
         "scores": {},
     }
+    variants = {name: DESIGNS[name] for name in args.designs}
     to_score = {}  # task -> its candidates {label: (cache key, vector)}, for the scoring pass after all folds
     for fold in range(args.folds):
         names = [task.name for task in tasks if folds[task.name] != fold]
@@ -167,8 +169,7 @@ def run(args, save) -> dict:
         bank = pipeline.condition_bank(
             {name: loras[name] for name in names}, vectors, text_encoder.to_dict(), descriptions
         )
-        pipeline.GENERATOR_VARIANTS = {name: DESIGNS[name] for name in args.designs}
-        generators = pipeline.train_generators({"description": bank}, settings, work)
+        generators = pipeline.train_generators({"description": bank}, settings, work, variants)
         for (_, variant), entry in generators.items():
             results["generators"][f"fold {fold} / {variant}"] = {k: v for k, v in entry.items() if k != "generator"}
         means = torch.stack([own_means[name] for name in names])  # (T, N)

@@ -155,11 +155,15 @@ def condition_bank(loras: dict, vectors: dict, spec: dict, descriptions: dict) -
     return bank
 
 
-def train_generators(banks: dict[str, LoraBank], settings: Settings, cache: Path) -> dict:
-    """`{(kind, variant): {"generator", "train_seconds", "first_loss", "final_loss"}}`, trained unless cached."""
+def train_generators(
+    banks: dict[str, LoraBank], settings: Settings, cache: Path, variants: dict[str, dict] | None = None
+) -> dict:
+    """`{(kind, variant): {"generator", "train_seconds", "first_loss", "final_loss"}}`, trained unless cached.
+
+    `variants`: `{label: from_bank overrides}`, default `GENERATOR_VARIANTS` (the label is part of the cache key)."""
     generators = {}
     for kind, bank in banks.items():
-        for variant, overrides in GENERATOR_VARIANTS.items():
+        for variant, overrides in (variants or GENERATOR_VARIANTS).items():
             key = settings.key(GENERATOR_FIELDS, settings.key(LORA_FIELDS), kind, variant, bank.task_names)
             entry = cache / "generators" / key
             if not (entry / "summary.json").is_file():
