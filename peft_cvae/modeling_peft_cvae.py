@@ -298,10 +298,9 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         models decodes close to the bank mean for every task. The default is set here, not in `PeftCVAEConfig`
         (whose default stays False), so that a config.json written before the field existed still loads as the plain
         generator it was. `config_overrides` set network sizes, e.g. `latent_size=32, hidden_channels=64,
-        num_layers=4`. The weights
-        are initialised from `seed` (0 by default) under a forked random state, so the same bank and seed give
-        bit-identical generators, and `train_generator(seed=...)` then reproduces a whole run; torch's global
-        random state is left as it was.
+        num_layers=4`. The weights are initialised from `seed` (0 by default) under a forked random state, so the
+        same bank and seed give bit-identical generators, and `train_generator(seed=...)` then reproduces a whole
+        run; torch's global random state is left as it was.
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidConfigError(f"seed must be an integer, got {seed!r}.")
