@@ -124,6 +124,14 @@ class CollectArguments:
     save_adapters: str | None = field(
         default=None, metadata={"help": "also write each task's final LoRA to FOLDER/<task>"}
     )
+    start_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a PEFT LoRA adapter (folder or Hub id) every task's LoRA starts from instead of the shared "
+            "random initialisation, e.g. a multi-task LoRA of all the tasks: the bank's LoRAs then differ from one "
+            "trained start. Its rank, alpha and target modules must be this run's"
+        },
+    )
 
     def __post_init__(self):
         for name in ("lora_r", "steps", "batch_size", "max_length", "num_examples"):
@@ -410,8 +418,9 @@ def _smoothed_loss(log_history: list[dict]) -> float | None:
 
 
 def train_task_lora(
-    base_model, tokenizer, task: TaskData, args: CollectArguments, *, bank=None, condition=None, progress_label=None
-):
+    base_model, tokenizer, task: TaskData, args: CollectArguments, *, bank=None, condition=None, progress_label=None,
+    start=None,
+):  # fmt: skip
     """Fine-tune one LoRA on `task` with a `transformers.Trainer`; its kept checkpoints go into `bank`.
 
     Args:
@@ -422,6 +431,10 @@ def train_task_lora(
         bank: the `LoraBank` to add to (None: a new bank with this LoRA's layout).
         condition: the task's condition vector, recorded in the bank with the task's description.
         progress_label: the label of the progress bar (default: the task's name).
+        start: a LoRA state dict in PEFT's saved form (`get_peft_model_state_dict`: keys `base_model.model.<module>.
+            lora_A.weight`) to start from instead of the shared random initialisation, e.g. a multi-task LoRA. It
+            must hold every LoRA tensor of `args.lora_config()`, of the same shapes. Default: `args.start_adapter`'s
+            (`start_lora(args)`), or none.
 
     Returns:
         A `TaskLora`: the bank, the trained `PeftModel`, the kept steps, the training time, the smoothed loss and,
@@ -431,6 +444,9 @@ def train_task_lora(
     torch.manual_seed(args.seed)  # the same LoRA initialisation for every task: the generator models what differs
     with quiet_libraries():
         model = get_peft_model(copy.deepcopy(base_model), args.lora_config())
+    start = start if start is not None else start_lora(args)
+    if start is not None:
+        _load_start(model, start, task.name)
     before = _held_out_perplexity(model, tokenizer, task, args)  # B = 0: the base model's perplexity
     callback = LoraCheckpointCallback(
         bank, task.name, description=task.description, condition=condition, save_steps=args.checkpoint_every,
@@ -484,6 +500,59 @@ def train_task_lora(
         num_sequences=len(dataset),
         held_out_perplexity=None if before is None else (before, after),
     )
+
+
+def start_lora(args: CollectArguments) -> dict[str, torch.Tensor] | None:
+    """The state dict of `args.start_adapter` (None without one), refused unless its LoRA config computes what this
+    run's does: another alpha would silently rescale the start, another rank or module list would not load."""
+    if args.start_adapter is None:
+        return None
+    from .adapter_io import load_adapter
+
+    config, state_dict = load_adapter(args.start_adapter)
+    expected = args.lora_config()
+    theirs = {
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "use_rslora": bool(config.get("use_rslora")),
+    }
+    mine = {
+        "r": expected.r,
+        "lora_alpha": expected.lora_alpha,
+        "target_modules": sorted(expected.target_modules),
+        "use_rslora": bool(expected.use_rslora),
+    }
+    different = {key: (theirs[key], mine[key]) for key in mine if theirs[key] != mine[key]}
+    if different:
+        listed = ", ".join(f"{key}={start!r} (this run: {run!r})" for key, (start, run) in different.items())
+        raise InvalidConfigError(
+            f"The start adapter {args.start_adapter} has {listed}. Collect with the start's --lora-r, --lora-alpha "
+            "and --target-modules, or train the start with this run's."
+        )
+    return state_dict
+
+
+def _load_start(model, start: dict, task_name: str) -> None:
+    """Loads the start LoRA into the fresh PeftModel; refuses one that does not cover its LoRA tensors exactly (a
+    partial start would train some modules from the shared initialisation and others from the start, silently)."""
+    from peft.utils import set_peft_model_state_dict
+
+    expected = {name: parameter.shape for name, parameter in model.named_parameters() if "lora_" in name}
+    try:
+        result = set_peft_model_state_dict(model, start)
+    except RuntimeError as error:  # a shape mismatch
+        raise InvalidConfigError(
+            f"The start LoRA of task {task_name!r} does not fit this LoRA config ({error}). Train the start with the "
+            "same --lora-r and --target-modules."
+        ) from None
+    missing = sorted(name for name in result.missing_keys if name in expected)
+    if missing or result.unexpected_keys:
+        raise InvalidConfigError(
+            f"The start LoRA of task {task_name!r} does not match this LoRA config: missing {missing[:3]} "
+            f"({len(missing)}), unexpected {list(result.unexpected_keys)[:3]} ({len(result.unexpected_keys)}). Train "
+            "the start with the same --lora-r and --target-modules."
+        )
 
 
 def _held_out_perplexity(model, tokenizer, task: TaskData, args: CollectArguments) -> float | None:
@@ -548,6 +617,7 @@ def collect_bank(
     """
     args = args if args is not None else CollectArguments()
     check_tasks(tasks, args)
+    start = start_lora(args)  # read and checked before any training
     if task_encoder is None:
         task_encoder = default_task_encoder(base_model, tokenizer, args)
     for index, task in enumerate(tasks):
@@ -559,7 +629,7 @@ def collect_bank(
             )
         label = f"[{index + 1}/{len(tasks)}] {task.name}"
         result = train_task_lora(
-            base_model, tokenizer, task, args, bank=bank, condition=condition, progress_label=label
+            base_model, tokenizer, task, args, bank=bank, condition=condition, progress_label=label, start=start
         )
         bank = result.bank
         if on_task_end is not None:

@@ -1,8 +1,10 @@
 """`peft_cvae.collect`: the one LoRA fine-tuning path (documents and prompt/answer tasks) and the task spec reader."""
 
 import copy
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -350,3 +352,44 @@ def test_spec_test_files_and_test_split(tmp_path):
         (tmp_path / "spec.json").write_text(json.dumps([bad]))
         with pytest.raises(InvalidConfigError, match=words):
             read_task_spec(tmp_path / "spec.json")
+
+
+def test_every_task_starts_from_the_start_adapter_and_a_mismatched_one_is_refused(model_and_tokenizer, tmp_path):
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("sums", "adding small numbers", examples=SUMS)
+    first = train_task_lora(base, tokenizer, task, CollectArguments(**{**ARGS, "steps": 20}))
+    first.model.save_pretrained(tmp_path / "start")
+    start = {key: value.clone() for key, value in first.bank.checkpoints[-1].state_dict.items()}
+    # lr tiny: after one step every checkpoint must still be the start, not the shared random initialisation
+    args = CollectArguments(
+        **{**ARGS, "steps": 2, "lr": 1e-9},
+        last_fraction=1.0,
+        condition="in-context",
+        start_adapter=str(tmp_path / "start"),
+    )
+    bank = collect_bank(base, tokenizer, [task, TaskData("more", "more sums", examples=SUMS[::-1])], args)
+    for checkpoint in bank.checkpoints:
+        for key, value in checkpoint.state_dict.items():
+            torch.testing.assert_close(value, start[key], rtol=0, atol=1e-6)
+    fresh = train_task_lora(base, tokenizer, task, dataclasses.replace(args, start_adapter=None))
+    key = next(key for key in start if "lora_B" in key)
+    assert fresh.bank.checkpoints[-1].state_dict[key].abs().max() < 1e-6  # B starts at zero without a start
+    assert answer_nll(bank_model(base, args, bank), tokenizer, task) < 0.8 * answer_nll(base, tokenizer, task)
+
+    for change, words in (({"lora_r": 4}, "r=2 (this run: 4)"), ({"lora_alpha": 1.0}, "lora_alpha=4")):
+        wrong = CollectArguments(**{**ARGS, **change}, start_adapter=str(tmp_path / "start"))
+        with pytest.raises(InvalidConfigError, match=re.escape(words)):
+            collect_bank(base, tokenizer, [task], wrong)
+    with pytest.raises(InvalidConfigError, match="target_modules"):
+        collect_bank(
+            base,
+            tokenizer,
+            [task],
+            CollectArguments(**ARGS, target_modules=["q_proj"], start_adapter=str(tmp_path / "start")),
+        )
+
+
+def bank_model(base, args, bank):
+    model = get_peft_model(copy.deepcopy(base), args.lora_config())
+    set_peft_model_state_dict(model, bank.checkpoints[-1].state_dict)
+    return model.eval()
