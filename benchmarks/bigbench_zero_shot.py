@@ -14,8 +14,10 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
 2. LoRAs. Every bank task and every held-out task (its oracle) gets a LoRA (r=8 on q_proj, v_proj of SmolLM2-135M,
    answer-only loss, BIG-bench's prompt prefixes, cosine decay, checkpoints of the converged tail) through
    `peft_cvae.collect.train_task_lora`, the path users run. One multi-task LoRA is trained on all bank tasks.
-3. Generators. Today's `PeftCVAEGenerator.from_bank(bank)` (plain) and `from_bank(bank, task_memory=True)`, each on
-   description conditions (MiniLM) and on in-context conditions (Eq. 1 over 8 examples).
+3. Generators. `PeftCVAEGenerator.from_bank(bank)` plain (`task_memory=False`), with task memory, and with task
+   memory hiding each sample's own task half the time (`memory_holdout=0.5`), each on description conditions (MiniLM)
+   and on in-context conditions (Eq. 1 over 8 examples); and the last one trained on with the functional loss (the
+   decoded LoRA's answer NLL on its task's training examples, `FunctionalLoss`).
 4. Scores. On each held-out task's test examples: answer NLL per token and multiple-choice accuracy of the base model,
    the oracle, the multi-task LoRA, the mean of the bank LoRAs, nearest-description retrieval, the top-k
    description-similarity mix, and the generators from the description, from 8 examples, from another held-out
@@ -177,6 +179,9 @@ def run(settings: Settings, cache: Path) -> dict:
         for kind in pipeline.CONDITION_KINDS
     }
     generators = pipeline.train_generators(banks, settings, cache)
+    generators.update(
+        pipeline.train_functional_generators(generators, banks, bank_tasks, base, tokenizer, settings, cache)
+    )
     timings["generators_loaded_or_trained"] = time.perf_counter() - step
 
     step = time.perf_counter()

@@ -41,7 +41,7 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     assert "foreign.words" not in saved["tasks"] and "short.few" not in saved["tasks"]  # the rules refused them
 
     expected = {"base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix"}
-    for variant in ("plain", "task memory", "task memory + holdout 0.5"):
+    for variant in report.VARIANT_ORDER:
         for kind in ("description", "examples"):
             label = f"generated ({variant}) from {kind}"
             expected |= {label, f"{label}, shuffled", f"{label}, random string"}
@@ -63,6 +63,9 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
         saved["generators"]["plain / description"]["final_loss"]
         < saved["generators"]["plain / description"]["first_loss"]
     )
+    functional = saved["generators"]["task memory + holdout 0.5 + functional / description"]
+    assert functional["continues"] == "task memory + holdout 0.5"
+    assert math.isfinite(functional["final_functional_loss"]) and functional["final_functional_loss"] > 0
 
     page = (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text()
     assert (

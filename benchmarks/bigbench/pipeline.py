@@ -8,6 +8,7 @@
   `HiddenStateTaskEncoder` over each task's first `num_examples` training examples, prompt + answer).
 - `train_generators`: today's `PeftCVAEGenerator.from_bank`, plain and with `task_memory=True`, on the description
   bank and on the in-context bank (the same checkpoints, other conditions).
+- `train_functional_generators`: the `FUNCTIONAL_VARIANTS`, trained on from those generators with the functional loss.
 - `Scorer`: answer NLL / accuracy of one LoRA on one task's test examples, cached per (task, control, LoRA key).
 
 Nothing is written half: banks and generators go through `save_pretrained` (atomic), JSON through `write_json`.
@@ -23,13 +24,14 @@ import torch
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
-from peft_cvae import LoraBank, PeftCVAEGenerator
+from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
 from peft_cvae.answer_evaluation import evaluate_answers
 from peft_cvae.collect import CollectArguments, TaskData, TaskExample, train_task_lora
 from peft_cvae.file_utils import read_json, write_json
+from peft_cvae.functional_loss import FunctionalLoss
 
 from ..generator_training import train_timed
-from .presets import CONDITION_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
+from .presets import CONDITION_FIELDS, FUNCTIONAL_FIELDS, GENERATOR_FIELDS, LORA_FIELDS, SCORE_FIELDS, Settings
 from .selection import BenchTask
 
 # "plain" asks for task_memory=False: from_bank defaults to task memory. "task memory + holdout 0.5" hides a sample's
@@ -41,6 +43,12 @@ GENERATOR_VARIANTS = {
     "task memory + holdout 0.5": {"task_memory": True, "memory_holdout": 0.5},
 }
 CONDITION_KINDS = ("description", "examples")
+# The functional lever (issue 13, Text-to-LoRA's SFT mode): a variant's trained generator, trained on for
+# `functional_epochs` with the answer NLL of each decoded LoRA on a few of its task's training examples added to the
+# loss (`peft_cvae.FunctionalLoss`). On top of the leave-one-task-out memory, the decoder learns to correct the
+# neighbours' mix by what the correction does to the task's answers, not by how close it is to the stored checkpoint:
+# the situation of an unseen task, with the objective that matters. `{label: variant it continues}`.
+FUNCTIONAL_VARIANTS = {"task memory + holdout 0.5 + functional": "task memory + holdout 0.5"}
 
 
 def save_json(data, path: Path) -> None:
@@ -181,6 +189,56 @@ def train_generators(
             generator = PeftCVAEGenerator.from_pretrained(entry / "generator").eval()
             generators[kind, variant] = {**read_json(entry / "summary.json"), "generator": generator, "key": key}
     return generators
+
+
+def train_functional_generators(
+    generators: dict, banks: dict[str, LoraBank], tasks: list[BenchTask], base, tokenizer, settings: Settings,
+    cache: Path, variants: dict[str, str] | None = None,
+) -> dict:  # fmt: skip
+    """`{(kind, label): {...}}` like `train_generators`, for `variants` (default `FUNCTIONAL_VARIANTS`: `{label:
+    variant}`): each starts from `generators[kind, variant]` and trains `functional_epochs` more epochs with the CVAE
+    loss + `functional_weight` x the answer NLL of the decoded LoRA on `functional_examples_per_task` of its task's
+    training examples (held-out families never: `tasks` are the bank's). Cached like the others. `functional_epochs`
+    0: none (the variant is skipped, and with it its rows in the report)."""
+    trained = {}
+    if settings.functional_epochs == 0:
+        return trained
+    functional = None  # built once, when a generator has to be trained: it copies the base model
+    for kind, bank in banks.items():
+        for label, variant in (variants or FUNCTIONAL_VARIANTS).items():
+            start = generators[kind, variant]
+            key = settings.key(FUNCTIONAL_FIELDS, start["key"], label)
+            entry = cache / "generators" / key
+            if not (entry / "summary.json").is_file():
+                if functional is None:
+                    functional = FunctionalLoss(
+                        base, tokenizer, [task.task_data("train") for task in tasks], bank.layout,
+                        examples_per_task=settings.functional_examples_per_task,
+                        max_length=settings.rules.max_tokens + 1, weight=settings.functional_weight,
+                        seed=settings.lora_seed,
+                    )  # fmt: skip
+                generator = PeftCVAEGenerator.from_pretrained(cache / "generators" / start["key"] / "generator")
+                started = time.perf_counter()
+                history = train_generator(
+                    generator, bank, epochs=settings.functional_epochs, lr=settings.functional_lr,
+                    batch_size=settings.generator_batch_size, seed=settings.lora_seed, functional_loss=functional,
+                    early_stopping_patience=0,  # a fixed budget of epochs: each costs base-model passes
+                )  # fmt: skip
+                seconds = time.perf_counter() - started
+                generator.save_pretrained(entry / "generator")
+                summary = {
+                    "train_seconds": seconds,
+                    "first_loss": history[0]["loss"],
+                    "final_loss": history[-1]["loss"],
+                    "first_functional_loss": history[0]["functional_loss"],
+                    "final_functional_loss": history[-1]["functional_loss"],
+                    "parameters": sum(p.numel() for p in generator.parameters()),
+                    "continues": variant,
+                }
+                save_json(summary, entry / "summary.json")
+            generator = PeftCVAEGenerator.from_pretrained(entry / "generator").eval()
+            trained[kind, label] = {**read_json(entry / "summary.json"), "generator": generator, "key": key}
+    return trained
 
 
 def generated_vector(generator: PeftCVAEGenerator, condition: torch.Tensor) -> torch.Tensor:

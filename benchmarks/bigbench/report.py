@@ -17,7 +17,7 @@ __all__ = ["console_table", "markdown", "plots", "summarize"]
 
 BASELINES = ("multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix")
 FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES)
-VARIANT_ORDER = ("plain", "task memory", "task memory + holdout 0.5")
+VARIANT_ORDER = ("plain", "task memory", "task memory + holdout 0.5", "task memory + holdout 0.5 + functional")
 
 
 def ordered(names) -> list[str]:
@@ -161,6 +161,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     for control, marker in (
         ("generated (task memory) from description", "o"),
         ("generated (plain) from description", "x"),
+        ("generated (task memory + holdout 0.5 + functional) from description", "^"),
     ):
         if control in heldout[tasks[0]]:
             x = [heldout[t]["nearest description"]["answer_nll"] for t in tasks]
