@@ -167,6 +167,15 @@ def run(settings: Settings, cache: Path) -> dict:
     bank_loras = pipeline.task_loras(base, tokenizer, bank_tasks, settings, cache, what="bank")
     oracle_loras = pipeline.task_loras(base, tokenizer, heldout, settings, cache, what="oracle")
     multitask = pipeline.multitask_lora(base, tokenizer, bank_tasks, settings, cache)
+    shared_loras = matched = None
+    if settings.shared_start_bank:  # every bank task again, from the multi-task LoRA (issue 13's shared start)
+        start = pipeline.multitask_start(multitask, settings, bank_tasks)
+        shared_loras = pipeline.task_loras(
+            base, tokenizer, bank_tasks, settings, cache, what="shared-start", start=start
+        )
+        # its control: a multi-task LoRA with the steps of the multi-task LoRA and the shared-start bank together
+        fraction = settings.multitask_step_fraction + 1.0
+        matched = pipeline.multitask_lora(base, tokenizer, bank_tasks, settings, cache, step_fraction=fraction)
     timings["loras_loaded_or_trained"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -182,6 +191,12 @@ def run(settings: Settings, cache: Path) -> dict:
     generators.update(
         pipeline.train_functional_generators(generators, banks, bank_tasks, base, tokenizer, settings, cache)
     )
+    if shared_loras is not None:
+        shared_banks = {
+            kind: pipeline.condition_bank(shared_loras, vectors[kind], specs[kind], descriptions)
+            for kind in pipeline.CONDITION_KINDS
+        }
+        generators.update(pipeline.train_generators(shared_banks, settings, cache, pipeline.SHARED_START_VARIANTS))
     timings["generators_loaded_or_trained"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -190,6 +205,9 @@ def run(settings: Settings, cache: Path) -> dict:
     bank_means = torch.stack([pipeline.mean_vector(bank_loras[name]["bank"]) for name in names])  # (T, N)
     description_keys = torch.stack([vectors["description"][name] for name in names])  # (T, 384)
     mean_lora = bank_means.mean(dim=0)
+    if shared_loras is not None:
+        shared_means = torch.stack([pipeline.mean_vector(shared_loras[name]["bank"]) for name in names])  # (T, N)
+        shared_id = settings.key((), lora_key, "shared start", multitask["steps"], names)
     multitask_vector = pipeline.final_vector(multitask["bank"])
     layout = banks["description"].layout
     scorer = pipeline.Scorer(base, tokenizer, layout, settings, cache)
@@ -212,6 +230,21 @@ def run(settings: Settings, cache: Path) -> dict:
             "nearest description": (settings.key((), bank_id, names[nearest]), bank_means[nearest]),
             "top-k mix": (settings.key((), bank_id, settings.top_k, settings.top_k_temperature, weights), mix),
         }
+        if shared_loras is not None:  # the same retrieval rules over the shared-start bank, and its control
+            candidates[report.MATCHED_MULTITASK] = (
+                settings.key((), lora_key, "multitask", matched["fraction"], names),
+                pipeline.final_vector(matched["bank"]),
+            )
+            shared_mix = (torch.tensor(list(weights.values()))[:, None] * shared_means[list(weights)]).sum(dim=0)
+            candidates["shared start: mean"] = (shared_id, shared_means.mean(dim=0))
+            candidates["shared start: nearest description"] = (
+                settings.key((), shared_id, names[nearest]),
+                shared_means[nearest],
+            )
+            candidates["shared start: top-k mix"] = (
+                settings.key((), shared_id, settings.top_k, settings.top_k_temperature, weights),
+                shared_mix,
+            )
         for (kind, variant), entry in generators.items():
             sources = {"": task.name, "shuffled": partners[task.name], "random string": f"random:{task.name}"}
             for source, condition_name in sources.items():
@@ -280,6 +313,9 @@ def run(settings: Settings, cache: Path) -> dict:
         "loras": {
             "per_task_train_seconds": per_task_lora,
             "multitask": {k: v for k, v in multitask.items() if k != "bank"},
+            **(
+                {"multitask_shared_start_budget": {k: v for k, v in matched.items() if k != "bank"}} if matched else {}
+            ),
             "checkpoints_per_task": len(next(iter(bank_loras.values()))["bank"]),
         },
         "task_vectors": {

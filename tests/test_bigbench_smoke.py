@@ -41,6 +41,7 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     assert "foreign.words" not in saved["tasks"] and "short.few" not in saved["tasks"]  # the rules refused them
 
     expected = {"base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix"}
+    expected |= {*report.SHARED_START, report.MATCHED_MULTITASK}
     for variant in report.VARIANT_ORDER:
         for kind in ("description", "examples"):
             label = f"generated ({variant}) from {kind}"
@@ -65,6 +66,9 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     )
     functional = saved["generators"]["task memory + holdout 0.5 + functional / description"]
     assert functional["continues"] == "task memory + holdout 0.5"
+    # the shared-start bank: LoRAs that start from the multi-task LoRA, not from the random initialisation
+    for scores in saved["heldout"].values():
+        assert scores["shared start: mean"]["answer_nll"] != scores["mean of bank LoRAs"]["answer_nll"]
     assert math.isfinite(functional["final_functional_loss"]) and functional["final_functional_loss"] > 0
 
     page = (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text()

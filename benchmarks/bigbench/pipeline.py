@@ -2,6 +2,9 @@
 
 - `task_loras`: one LoRA per task (bank tasks and held-out oracles) through `peft_cvae.collect.train_task_lora`, the
   package's own collection path; each task's kept checkpoints are saved as a one-task `LoraBank`.
+- `task_loras(..., start=multitask_start(...))`: the shared-start bank (issue 13): every bank task's LoRA again,
+  starting from the multi-task LoRA instead of the random initialisation, so that all of them differ from one trained
+  start.
 - `multitask_lora`: one LoRA on the union of all bank tasks' training examples (each example keeps its own task's
   prompt format), with `multitask_step_fraction` x (bank tasks x steps) optimiser steps.
 - `conditions`: description vectors (MiniLM, `TextTaskEncoder`) and in-context vectors (Eq. 1,
@@ -43,6 +46,8 @@ GENERATOR_VARIANTS = {
     "task memory + holdout 0.5": {"task_memory": True, "memory_holdout": 0.5},
 }
 CONDITION_KINDS = ("description", "examples")
+# On the shared-start bank (`task_loras(..., start=multitask_start(...))`), labelled apart: the label is in the key.
+SHARED_START_VARIANTS = {"shared start + task memory": {"task_memory": True}}
 # The functional lever (issue 13, Text-to-LoRA's SFT mode): a variant's trained generator, trained on for
 # `functional_epochs` with the answer NLL of each decoded LoRA on a few of its task's training examples added to the
 # loss (`peft_cvae.FunctionalLoss`). On top of the leave-one-task-out memory, the decoder learns to correct the
@@ -76,17 +81,27 @@ def _quiet_bank_load(folder: Path) -> LoraBank:
 
 
 # ---- LoRAs ---------------------------------------------------------------------------------------------------------
-def task_loras(base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path, *, what: str) -> dict:
+def task_loras(
+    base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path, *, what: str, start: dict | None = None
+) -> dict:
     """`{task name: {"bank": LoraBank (its kept checkpoints), "train_seconds", "loss", "steps"}}`, training what is
-    not cached yet (one task at a time, so an interrupted run resumes at the task it was on)."""
+    not cached yet (one task at a time, so an interrupted run resumes at the task it was on).
+
+    `start`: `{"key": cache key, "state_dict": LoRA}` to start every LoRA from (collect's `start_adapter` path),
+    e.g. `multitask_start(...)`; None: the shared random initialisation."""
     folder = cache / "loras" / settings.key(LORA_FIELDS)
+    if start is not None:
+        folder = cache / "loras" / settings.key(LORA_FIELDS, "start", start["key"])
     results = {}
     for index, task in enumerate(tasks):
         entry = folder / task.name
         if not (entry / "summary.json").is_file():
             data = task.task_data("train")
             label = f"{what} LoRA [{index + 1}/{len(tasks)}] {task.name}"
-            result = train_task_lora(base, tokenizer, data, collect_arguments(settings), progress_label=label)
+            result = train_task_lora(
+                base, tokenizer, data, collect_arguments(settings), progress_label=label,
+                start=None if start is None else start["state_dict"],
+            )  # fmt: skip
             result.bank.save_pretrained(entry / "bank")
             summary = {"train_seconds": result.train_seconds, "loss": result.loss, "steps": result.steps}
             save_json(summary, entry / "summary.json")  # last: marks the entry complete
@@ -95,10 +110,14 @@ def task_loras(base, tokenizer, tasks: list[BenchTask], settings: Settings, cach
     return results
 
 
-def multitask_lora(base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path) -> dict:
-    """One LoRA on every bank task's training examples (Text-to-LoRA's main baseline), cached."""
-    steps = max(1, round(settings.multitask_step_fraction * settings.steps * len(tasks)))
-    key = settings.key(LORA_FIELDS, "multitask", settings.multitask_step_fraction, sorted(t.name for t in tasks))
+def multitask_lora(
+    base, tokenizer, tasks: list[BenchTask], settings: Settings, cache: Path, step_fraction: float | None = None
+) -> dict:
+    """One LoRA on every bank task's training examples (Text-to-LoRA's main baseline), cached; `step_fraction` x
+    (bank tasks x steps) optimiser steps (default `settings.multitask_step_fraction`)."""
+    fraction = settings.multitask_step_fraction if step_fraction is None else step_fraction
+    steps = max(1, round(fraction * settings.steps * len(tasks)))
+    key = settings.key(LORA_FIELDS, "multitask", fraction, sorted(t.name for t in tasks))
     entry = cache / "multitask" / key
     if not (entry / "summary.json").is_file():
         examples = [
@@ -113,7 +132,13 @@ def multitask_lora(base, tokenizer, tasks: list[BenchTask], settings: Settings, 
         result = train_task_lora(base, tokenizer, data, args, progress_label=f"multi-task LoRA ({steps} steps)")
         result.bank.save_pretrained(entry / "bank")
         save_json({"train_seconds": result.train_seconds, "loss": result.loss, "steps": steps}, entry / "summary.json")
-    return {**read_json(entry / "summary.json"), "bank": _quiet_bank_load(entry / "bank")}
+    return {**read_json(entry / "summary.json"), "bank": _quiet_bank_load(entry / "bank"), "fraction": fraction}
+
+
+def multitask_start(multitask: dict, settings: Settings, tasks: list[BenchTask]) -> dict:
+    """The multi-task LoRA's last checkpoint as the start of a shared-start bank (`task_loras(..., start=...)`)."""
+    key = settings.key(LORA_FIELDS, "multitask", settings.multitask_step_fraction, sorted(t.name for t in tasks))
+    return {"key": key, "state_dict": multitask["bank"].checkpoints[-1].state_dict}
 
 
 def final_vector(bank: LoraBank) -> torch.Tensor:

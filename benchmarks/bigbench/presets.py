@@ -45,6 +45,9 @@ class Settings:
     bf16: bool = True
     lora_seed: int = 0
     multitask_step_fraction: float = 1.0  # of (training tasks x steps): the multi-task LoRA's step budget
+    # The shared-start bank (issue 13): each bank task's LoRA trained again from the multi-task LoRA (`steps` each),
+    # with its own mean / retrieval / top-k rows and a task-memory generator; costs another (bank tasks x steps).
+    shared_start_bank: bool = True
     # ---- conditions, controls and scoring ----
     num_examples: int = 8  # example texts per task for the in-context condition (Eq. 1)
     top_k: int = 5  # the top-k description-similarity mix
@@ -92,6 +95,7 @@ PRESETS = {
         # Skipped on full: on quick it moved nothing (held-out answer NLL 8.535 against 8.536 for the variant it
         # continues, with the multi-task LoRA at 4.485), and here one epoch is ~720 base-model passes plus 144 scores.
         functional_epochs=0,
+        shared_start_bank=False,  # another ~4 CPU hours: on when a GPU is lent, or across sessions
     ),
     # A few families, few steps, short test sets: <= 20 min cold on 2 CPU cores, the download included.
     "quick": Settings(
