@@ -39,7 +39,7 @@ import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .callbacks import LoraCheckpointCallback
 from .errors import InvalidConfigError
@@ -206,6 +206,7 @@ class TaskLora:
     loss: float | None  # mean of the last 10% of logged per-step training losses (one noisy batch says little)
     num_sequences: int  # training blocks (documents) or examples
     held_out_perplexity: tuple[float, float] | None = None  # (before, after) on the task's test_texts, if it has any
+    resumed_from: int | None = None  # the optimiser step a `resume_dir` run continued from (None: it started fresh)
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def _smoothed_loss(log_history: list[dict]) -> float | None:
 
 def train_task_lora(
     base_model, tokenizer, task: TaskData, args: CollectArguments, *, bank=None, condition=None, progress_label=None,
-    start=None,
+    start=None, resume_dir=None, resume_every: int = 50,
 ):  # fmt: skip
     """Fine-tune one LoRA on `task` with a `transformers.Trainer`; its kept checkpoints go into `bank`.
 
@@ -435,6 +436,11 @@ def train_task_lora(
             lora_A.weight`) to start from instead of the shared random initialisation, e.g. a multi-task LoRA. It
             must hold every LoRA tensor of `args.lora_config()`, of the same shapes. Default: `args.start_adapter`'s
             (`start_lora(args)`), or none.
+        resume_dir: a folder for a long run to survive a kill: every `resume_every` optimiser steps before the kept
+            tail begins, the Trainer's resumable state (LoRA, optimiser, schedule, RNG, data position) is saved there
+            (only the newest), and a call with the same folder and arguments continues from it. Checkpoints stop
+            where the tail begins, because the tail's kept checkpoints live in memory: a run killed in the tail
+            restarts at its start. None: nothing is written (the scratch folder is temporary).
 
     Returns:
         A `TaskLora`: the bank, the trained `PeftModel`, the kept steps, the training time, the smoothed loss and,
@@ -453,9 +459,12 @@ def train_task_lora(
         last_fraction=args.last_fraction,
     )  # fmt: skip
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") as scratch, quiet_libraries():
+    scratch_folder = tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") if resume_dir is None else None
+    with contextlib.ExitStack() as stack, quiet_libraries():
+        scratch = stack.enter_context(scratch_folder) if scratch_folder is not None else str(resume_dir)
         training_args = TrainingArguments(
             output_dir=scratch,
+            save_total_limit=1,  # resume_dir: only the newest resumable checkpoint
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.lr,
@@ -483,7 +492,13 @@ def train_task_lora(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_TaskProgressCallback(progress_label or task.name))
-        trainer.train()
+        resume_from = None
+        if resume_dir is not None:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            trainer.add_callback(_ResumableCheckpoints(resume_every, callback.first_kept_step(args.steps)))
+            resume_from = get_last_checkpoint(str(resume_dir)) if Path(resume_dir).is_dir() else None
+        trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     after = _held_out_perplexity(model, tokenizer, task, args)
     if args.save_adapters:
@@ -499,6 +514,7 @@ def train_task_lora(
         loss=_smoothed_loss(trainer.state.log_history),
         num_sequences=len(dataset),
         held_out_perplexity=None if before is None else (before, after),
+        resumed_from=None if resume_from is None else int(Path(resume_from).name.split("-")[-1]),
     )
 
 
@@ -531,6 +547,20 @@ def start_lora(args: CollectArguments) -> dict[str, torch.Tensor] | None:
             "and --target-modules, or train the start with this run's."
         )
     return state_dict
+
+
+class _ResumableCheckpoints(TrainerCallback):
+    """Asks the Trainer to save its resumable state every `every` steps before step `first_kept` (see
+    `train_task_lora`'s `resume_dir`)."""
+
+    def __init__(self, every: int, first_kept: int):
+        self.every = every
+        self.first_kept = first_kept
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < self.first_kept:
+            control.should_save = True
+        return control
 
 
 def _load_start(model, start: dict, task_name: str) -> None:

@@ -393,3 +393,40 @@ def bank_model(base, args, bank):
     model = get_peft_model(copy.deepcopy(base), args.lora_config())
     set_peft_model_state_dict(model, bank.checkpoints[-1].state_dict)
     return model.eval()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_resume_dir_to_the_same_lora(model_and_tokenizer, tmp_path, monkeypatch):
+    from peft_cvae import collect
+
+    base, tokenizer = model_and_tokenizer
+    task = TaskData("sums", "adding small numbers", examples=SUMS)
+    args = CollectArguments(**{**ARGS, "steps": 12}, last_fraction=0.25)  # kept tail: steps 10-12
+    whole = train_task_lora(base, tokenizer, task, args, resume_dir=tmp_path / "whole", resume_every=4)
+    assert sorted(path.name for path in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-8"]  # newest only
+
+    original = collect._ResumableCheckpoints.on_step_end
+
+    def kill_at_step_6(self, arguments, state, control, **kwargs):
+        if state.global_step == 6:
+            raise _Killed
+        return original(self, arguments, state, control, **kwargs)
+
+    monkeypatch.setattr(collect._ResumableCheckpoints, "on_step_end", kill_at_step_6)
+    with pytest.raises(_Killed):
+        train_task_lora(base, tokenizer, task, args, resume_dir=tmp_path / "killed", resume_every=4)
+    assert sorted(path.name for path in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-4"]
+    monkeypatch.setattr(collect._ResumableCheckpoints, "on_step_end", original)
+    resumed = train_task_lora(base, tokenizer, task, args, resume_dir=tmp_path / "killed", resume_every=4)
+
+    assert resumed.resumed_from == 4 and whole.resumed_from is None  # it continued, it did not start again
+    assert resumed.steps == whole.steps == [10, 11, 12]
+    for mine, theirs in zip(resumed.bank.checkpoints, whole.bank.checkpoints, strict=True):
+        for key, value in mine.state_dict.items():
+            torch.testing.assert_close(value, theirs.state_dict[key], rtol=1e-5, atol=1e-6)
+    fresh = train_task_lora(base, tokenizer, task, args)  # no resume_dir: nothing written, the same LoRA
+    key = next(iter(fresh.bank.checkpoints[-1].state_dict))
+    torch.testing.assert_close(fresh.bank.checkpoints[-1].state_dict[key], whole.bank.checkpoints[-1].state_dict[key])

@@ -20,7 +20,9 @@ Nothing is written half: banks and generators go through `save_pretrained` (atom
 import copy
 import logging
 import math
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from peft.utils import set_peft_model_state_dict
 from peft_cvae import LoraBank, PeftCVAEGenerator, train_generator
 from peft_cvae.answer_evaluation import evaluate_answers
 from peft_cvae.collect import CollectArguments, TaskData, TaskExample, train_task_lora
-from peft_cvae.file_utils import read_json, write_json
+from peft_cvae.file_utils import folder_lock, read_json, write_json
 from peft_cvae.functional_loss import FunctionalLoss
 
 from ..generator_training import train_timed
@@ -119,20 +121,34 @@ def multitask_lora(
     steps = max(1, round(fraction * settings.steps * len(tasks)))
     key = settings.key(LORA_FIELDS, "multitask", fraction, sorted(t.name for t in tasks))
     entry = cache / "multitask" / key
-    if not (entry / "summary.json").is_file():
-        examples = [
-            TaskExample(input=task.input_prefix + e.input + task.output_prefix, target=e.target, choices=e.choices)
-            for task in tasks
-            for e in task.splits["train"]
-        ]
-        data = TaskData(
-            name="multitask", description="all bank tasks", examples=examples, input_prefix="", output_prefix=""
-        )
-        args = collect_arguments(settings, steps=steps)
-        result = train_task_lora(base, tokenizer, data, args, progress_label=f"multi-task LoRA ({steps} steps)")
-        result.bank.save_pretrained(entry / "bank")
-        save_json({"train_seconds": result.train_seconds, "loss": result.loss, "steps": steps}, entry / "summary.json")
+    partial = cache / "multitask" / f"{key}.partial"  # the Trainer's resumable state while it trains
+    # Hours on a CPU: a second process waits here for the first instead of training it again (the lock goes with the
+    # process that holds it), and a killed run continues from its last resumable checkpoint.
+    with folder_lock(partial, timeout=7 * 24 * 3600):
+        if not (entry / "summary.json").is_file():
+            _train_multitask(base, tokenizer, tasks, settings, steps, entry, partial)
     return {**read_json(entry / "summary.json"), "bank": _quiet_bank_load(entry / "bank"), "fraction": fraction}
+
+
+def _train_multitask(base, tokenizer, tasks, settings: Settings, steps: int, entry: Path, partial: Path) -> None:
+    """Train the multi-task LoRA into `entry`, resumable through `partial` (removed once `entry` is complete). Only
+    its final step is kept (what every consumer reads), so that its resumable checkpoints run to the end."""
+    examples = [
+        TaskExample(input=task.input_prefix + e.input + task.output_prefix, target=e.target, choices=e.choices)
+        for task in tasks
+        for e in task.splits["train"]
+    ]
+    data = TaskData(
+        name="multitask", description="all bank tasks", examples=examples, input_prefix="", output_prefix=""
+    )
+    args = replace(collect_arguments(settings, steps=steps), save_steps=1, last_fraction=1 / steps)
+    label = f"multi-task LoRA ({steps} steps)"
+    result = train_task_lora(base, tokenizer, data, args, progress_label=label, resume_dir=partial, resume_every=25)
+    result.bank.save_pretrained(entry / "bank")
+    summary = {"train_seconds": result.train_seconds, "loss": result.loss, "steps": steps}
+    summary["resumed_from"] = result.resumed_from  # train_seconds: this process's share only
+    save_json(summary, entry / "summary.json")
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def multitask_start(multitask: dict, settings: Settings, tasks: list[BenchTask]) -> dict:
