@@ -15,6 +15,10 @@ How texts are scored:
   context. Every token of every text is therefore predicted exactly once, with at least `max_length - stride` tokens of
   context from the second window on (the default `stride = max_length - 1` is the fastest; a smaller stride gives
   more context and a lower perplexity, at the cost of more forward passes).
+- A tokenizer that starts every sequence with special tokens (Gemma's `<bos>`, Llama 3's `<|begin_of_text|>`) gets
+  them in front of every later window too, unscored: such a model is trained and run with them at the start of every
+  sequence (Gemma-3 without its `<bos>` is a different model, see `collect.sequence_prefix`). Those windows hold
+  `max_length - len(start tokens)` text tokens. Tokenizers without start tokens (SmolLM2, GPT-2) are unaffected.
 - Perplexity is `exp(total negative log-likelihood / number of predicted tokens)`. It depends on the tokenizer.
 - Bits per character is `total negative log-likelihood in nats / ln 2 / number of characters`, where the characters are
   all the Unicode code points of the texts, `sum(len(text) for text in texts)`: exactly the text whose tokens were
@@ -93,16 +97,38 @@ def _tokenize(tokenizer, text: str, context_token_id: int | None) -> tuple[list[
     return ids, len(text) - first_token_end
 
 
-def _windows(ids: list[int], max_length: int, stride: int):
-    """Yield (input ids, labels) windows; each token after the first is labelled (predicted) in exactly one window."""
+def _windows(ids: list[int], max_length: int, stride: int, lead: list[int] = ()):
+    """Yield (input ids, labels) windows; each token after the first is labelled (predicted) in exactly one window.
+
+    `lead`: the tokenizer's start tokens (`collect.sequence_prefix`: Gemma's `<bos>`), put in front of every window
+    after the first as unscored context, because such a model was trained (and is run) with them at the start of
+    every sequence; those windows then hold `max_length - len(lead)` text tokens and start at most `max_length -
+    len(lead) - 1` tokens apart, so that they still overlap."""
+    lead = list(lead)
     first_unscored = 1
     start = 0
     while first_unscored < len(ids):
-        end = min(start + max_length, len(ids))
-        labels = [-100] * (first_unscored - start) + ids[first_unscored:end]
-        yield ids[start:end], labels
+        front = lead if start > 0 else []  # the first window starts with the text's own context token
+        end = min(start + max_length - len(front), len(ids))
+        labels = [-100] * (len(front) + first_unscored - start) + ids[first_unscored:end]
+        yield front + ids[start:end], labels
         first_unscored = end
-        start += stride
+        start += min(stride, max_length - len(front) - 1) if front else stride
+
+
+def _window_lead(tokenizer, texts: list[str], max_length: int) -> list[int]:
+    """The tokenizer's start tokens (none for SmolLM2 or GPT-2: windows are then exactly as before), checked to leave
+    room for two text tokens per window."""
+    from .collect import sequence_prefix
+
+    sample = next((text for text in texts if text.strip()), "a")
+    lead = sequence_prefix(tokenizer, sample)
+    if lead and max_length < len(lead) + 2:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for text: this tokenizer starts every sequence with {len(lead)} "
+            f"special token(s), which every window repeats. Use max_length >= {len(lead) + 2}."
+        )
+    return lead
 
 
 def _batches(windows: list, batch_size: int, pad_token_id: int, device: torch.device):
@@ -173,11 +199,12 @@ def evaluate_language_model(
     """
     stride = _check_arguments(texts, max_length, batch_size, stride)
     context_token_id = _context_token_id(tokenizer)
+    lead = _window_lead(tokenizer, texts, max_length)
     windows = []
     num_characters = 0
     for text in texts:
         ids, characters = _tokenize(tokenizer, text, context_token_id)
-        windows.extend(_windows(ids, max_length, stride))
+        windows.extend(_windows(ids, max_length, stride, lead))
         num_characters += characters
     if not windows:
         raise ValueError("No token to score: every text is empty (or a single token). Pass non-empty texts.")

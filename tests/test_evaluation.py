@@ -163,3 +163,46 @@ def test_evaluate_metric_wrapper(model, tokenizer, tmp_path):
 def test_mistakes_are_explained(model, tokenizer, texts, options, error, message):
     with pytest.raises(error, match=message):
         evaluate_language_model(model, tokenizer, texts, **options)
+
+
+def test_a_tokenizer_with_start_tokens_gets_them_in_front_of_every_window():
+    """Gemma-style: the tokenizer puts <s> in front of every text, so the model only ever saw sequences starting with
+    it; a window cut from the middle of a text gets it too, unscored."""
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    assert tokenizer("ab")["input_ids"] == [bos, *tokenizer("ab", add_special_tokens=False)["input_ids"]]
+    model = make_model(len(tokenizer))
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    text = "the cat sat."  # 12 characters: windows of 6 tokens
+    try:
+        result = evaluate_language_model(model, tokenizer, [text], max_length=6, batch_size=1)
+    finally:
+        hook.remove()
+    assert result["num_tokens"] == len(text) == result["num_characters"]  # every character predicted exactly once
+    assert len(seen) > 2 and all(int(batch[0, 0]) == bos for batch in seen)  # every window starts with <s>
+
+    # by hand: windows of max_length 6 whose later ones hold <s> + 5 text tokens and start 4 tokens apart (overlap 1)
+    ids = [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]  # 13 tokens
+    expected = [  # (window, first scored position in it)
+        (ids[0:6], 1),  # the text's own context token, then tokens 1-5 scored
+        ([bos, *ids[5:10]], 2),  # token 5 is context, 6-9 scored
+        ([bos, *ids[9:13]], 2),  # token 9 is context, 10-12 scored
+    ]
+    assert [batch[0].tolist() for batch in seen] == [window for window, _ in expected]
+    total = 0.0
+    for window, first_scored in expected:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([window])).logits[0]
+        targets = torch.tensor(window[first_scored:])
+        total += torch.nn.functional.cross_entropy(logits[first_scored - 1 : -1], targets, reduction="sum").item()
+    assert result["loss"] == pytest.approx(total / len(text), rel=1e-5)
+    with pytest.raises(ValueError, match="max_length >= 3"):
+        evaluate_language_model(model, tokenizer, [text], max_length=2)
