@@ -13,7 +13,9 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
    bank, the multi-task LoRA or any tuning.
 2. LoRAs. Every bank task and every held-out task (its oracle) gets a LoRA (r=8 on q_proj, v_proj of SmolLM2-135M,
    answer-only loss, BIG-bench's prompt prefixes, cosine decay, checkpoints of the converged tail) through
-   `peft_cvae.collect.train_task_lora`, the path users run. One multi-task LoRA is trained on all bank tasks.
+   `peft_cvae.collect.train_task_lora`, the path users run. One multi-task LoRA is trained on all bank tasks
+   (resumable: it takes hours on a CPU). With `shared_start_bank`, every bank task's LoRA is trained again from the
+   multi-task LoRA (`collect --start-adapter`), and a multi-task LoRA of the same total budget as its control.
 3. Generators. `PeftCVAEGenerator.from_bank(bank)` plain (`task_memory=False`), with task memory, and with task
    memory hiding each sample's own task half the time (`memory_holdout=0.5`), each on description conditions (MiniLM)
    and on in-context conditions (Eq. 1 over 8 examples); and the last one trained on with the functional loss (the
@@ -21,7 +23,8 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
 4. Scores. On each held-out task's test examples: answer NLL per token and multiple-choice accuracy of the base model,
    the oracle, the multi-task LoRA, the mean of the bank LoRAs, nearest-description retrieval, the top-k
    description-similarity mix, and the generators from the description, from 8 examples, from another held-out
-   task's description (shuffled) and from a random string. A few bank tasks are scored too (memorisation).
+   task's description (shuffled) and from a random string; with the shared-start bank, its mean, nearest description,
+   top-k mix and generator, and its budget-matched multi-task LoRA. A few bank tasks are scored too (memorisation).
 5. Report. Averages with bootstrap 95% intervals (resampling families), the share of the oracle's gain recovered,
    win counts, plots; JSON under benchmarks/results/, the page docs/benchmarks_bigbench.md.
 
@@ -235,7 +238,10 @@ def run(settings: Settings, cache: Path) -> dict:
                 settings.key((), lora_key, "multitask", matched["fraction"], names),
                 pipeline.final_vector(matched["bank"]),
             )
-            shared_mix = (torch.tensor(list(weights.values()))[:, None] * shared_means[list(weights)]).sum(dim=0)
+            _, shared_mix, _ = pipeline.similarity_mix(
+                vectors["description"][task.name], description_keys, shared_means, settings.top_k,
+                settings.top_k_temperature,
+            )  # fmt: skip
             candidates["shared start: mean"] = (shared_id, shared_means.mean(dim=0))
             candidates["shared start: nearest description"] = (
                 settings.key((), shared_id, names[nearest]),
