@@ -60,6 +60,25 @@ BANK_CARD_TEMPLATE = Path(__file__).parent / "templates" / "bank_card.md"
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # rows `iter_vectors` reads at once when no chunk size is given
 
 
+def check_manifest(manifest, where: Path) -> None:
+    """Raise `CorruptFileError` unless `manifest` is a bank manifest this peft-cvae can read: its fields, its format
+    version and its task and checkpoint entries (`LoraBank.from_pretrained` and `peft-cvae info` both ask)."""
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(f"The bank manifest {where} is not a JSON object. Save the bank again.")
+    for name, kind in (("format_version", int), ("layout", dict), ("tasks", list), ("checkpoints", list)):
+        if not isinstance(manifest.get(name), kind):
+            raise CorruptFileError(
+                f"The bank manifest {where} lacks a valid {name!r} field (expected a {kind.__name__}). Save the bank "
+                "again with LoraBank.save_pretrained."
+            )
+    if manifest["format_version"] > BANK_FORMAT_VERSION:
+        raise CorruptFileError(
+            f"The bank was written in format {manifest['format_version']}, newer than this peft-cvae understands "
+            f"({BANK_FORMAT_VERSION}). Upgrade peft-cvae."
+        )
+    _check_manifest_entries(manifest, where)
+
+
 def _check_manifest_entries(manifest: dict, where: Path) -> None:
     """Raise `CorruptFileError` if the task or checkpoint entries of a bank manifest have missing or bad fields."""
     for entry in manifest["checkpoints"]:
@@ -527,18 +546,7 @@ class LoraBank:
     def _read(cls, files: VerifiedFolder, root: Path) -> "LoraBank":
         directory = files.folder
         manifest = files.read_json(BANK_MANIFEST_NAME, what="bank manifest")
-        for name, kind in (("format_version", int), ("layout", dict), ("tasks", list), ("checkpoints", list)):
-            if not isinstance(manifest.get(name), kind):
-                raise CorruptFileError(
-                    f"The bank manifest {directory / BANK_MANIFEST_NAME} lacks a valid {name!r} field "
-                    f"(expected a {kind.__name__}). Save the bank again with LoraBank.save_pretrained."
-                )
-        if manifest["format_version"] > BANK_FORMAT_VERSION:
-            raise CorruptFileError(
-                f"The bank was written in format {manifest['format_version']}, newer than this peft-cvae understands "
-                f"({BANK_FORMAT_VERSION}). Upgrade peft-cvae."
-            )
-        _check_manifest_entries(manifest, directory / BANK_MANIFEST_NAME)
+        check_manifest(manifest, directory / BANK_MANIFEST_NAME)
         bank = cls(LoraLayout.from_dict(manifest["layout"]), condition_encoder=manifest.get("condition_encoder"))
         checkpoint_files = CheckpointFiles(files, bank.layout)
         for entry in manifest["checkpoints"]:

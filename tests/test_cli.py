@@ -245,6 +245,12 @@ def test_info_on_a_bank_reads_no_checkpoint(workspace, tmp_path, capsys, monkeyp
     next(bank.glob("checkpoints/*.safetensors")).unlink()
     assert main(["info", str(bank)]) == 0
     assert "(1 listed but missing, e.g. checkpoints/" in capsys.readouterr().out
+    # a bank of a newer format is refused as loading refuses it, not described from fields it may have renamed
+    manifest = json.loads((bank / "bank.json").read_text())
+    (bank / "bank.json").write_text(json.dumps({**manifest, "format_version": 999}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", str(bank)])
+    assert exit_info.value.code == 2 and "newer than this peft-cvae understands" in capsys.readouterr().err
 
 
 def test_plot_writes_pngs(workspace, tmp_path):

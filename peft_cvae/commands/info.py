@@ -110,7 +110,7 @@ def bank_lines(path) -> list[str]:
     a few hundred checkpoints on a busy 2-core machine, to print a summary that needs none of their values. The
     integrity of the files is checked whenever the bank is loaded for use (train, merge, plot)."""
     from ..constants import CONDITIONS_NAME
-    from ..data import BANK_MANIFEST_NAME, _check_manifest_entries
+    from ..data import BANK_MANIFEST_NAME, check_manifest
     from ..errors import CorruptFileError
     from ..layout import LoraLayout
 
@@ -119,14 +119,7 @@ def bank_lines(path) -> list[str]:
         manifest = json.loads(read_text_file(manifest_path))
     except json.JSONDecodeError as error:
         raise CorruptFileError(f"The bank manifest {manifest_path} is not valid JSON: {error}.") from error
-    if not isinstance(manifest, dict) or not all(
-        isinstance(manifest.get(name), kind)
-        for name, kind in (("layout", dict), ("tasks", list), ("checkpoints", list))
-    ):
-        raise CorruptFileError(
-            f"The bank manifest {manifest_path} lacks its layout, tasks or checkpoints. Save the bank again."
-        )
-    _check_manifest_entries(manifest, manifest_path)
+    check_manifest(manifest, manifest_path)
     layout = LoraLayout.from_dict(manifest["layout"])
     encoder = manifest.get("condition_encoder")
     conditions = safetensors_shapes(path / CONDITIONS_NAME) if (path / CONDITIONS_NAME).is_file() else {}
