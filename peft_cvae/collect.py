@@ -458,7 +458,7 @@ def train_task_lora(
         bank, task.name, description=task.description, condition=condition, save_steps=args.checkpoint_every,
         last_fraction=args.last_fraction,
     )  # fmt: skip
-    start = time.perf_counter()
+    started = time.perf_counter()
     scratch_folder = tempfile.TemporaryDirectory(prefix="peft-cvae-collect-") if resume_dir is None else None
     with contextlib.ExitStack() as stack, quiet_libraries():
         scratch = stack.enter_context(scratch_folder) if scratch_folder is not None else str(resume_dir)
@@ -499,7 +499,7 @@ def train_task_lora(
             trainer.add_callback(_ResumableCheckpoints(resume_every, callback.first_kept_step(args.steps)))
             resume_from = get_last_checkpoint(str(resume_dir)) if Path(resume_dir).is_dir() else None
         trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - started
     after = _held_out_perplexity(model, tokenizer, task, args)
     if args.save_adapters:
         from .file_utils import atomic_directory
@@ -520,28 +520,17 @@ def train_task_lora(
 
 def start_lora(args: CollectArguments) -> dict[str, torch.Tensor] | None:
     """The state dict of `args.start_adapter` (None without one), refused unless its LoRA config computes what this
-    run's does: another alpha would silently rescale the start, another rank or module list would not load."""
+    run's does (`layout.lora_config_differences`, the check a bank applies to its adapters): another alpha would
+    silently rescale the start, another rank or module list would not load."""
     if args.start_adapter is None:
         return None
     from .adapter_io import load_adapter
+    from .layout import lora_config_differences
 
     config, state_dict = load_adapter(args.start_adapter)
-    expected = args.lora_config()
-    theirs = {
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
-        "target_modules": sorted(config.get("target_modules") or []),
-        "use_rslora": bool(config.get("use_rslora")),
-    }
-    mine = {
-        "r": expected.r,
-        "lora_alpha": expected.lora_alpha,
-        "target_modules": sorted(expected.target_modules),
-        "use_rslora": bool(expected.use_rslora),
-    }
-    different = {key: (theirs[key], mine[key]) for key in mine if theirs[key] != mine[key]}
+    different = lora_config_differences(args.lora_config(), config)
     if different:
-        listed = ", ".join(f"{key}={start!r} (this run: {run!r})" for key, (start, run) in different.items())
+        listed = ", ".join(f"{key}={start!r} (this run: {run!r})" for key, (run, start) in different.items())
         raise InvalidConfigError(
             f"The start adapter {args.start_adapter} has {listed}. Collect with the start's --lora-r, --lora-alpha "
             "and --target-modules, or train the start with this run's."

@@ -37,6 +37,19 @@ _NON_COMPUTING_FIELDS = (
     "auto_mapping",
 )
 
+
+def lora_config_differences(mine: LoraConfig | dict, theirs: LoraConfig | dict) -> dict[str, tuple]:
+    """`{field: (mine, theirs)}` for every field, in sorted order, in which two LoRA configs differ in what the adapter
+    computes (rank, alpha, target modules, rsLoRA, patterns, ...; not `_NON_COMPUTING_FIELDS`)."""
+    mine, theirs = lora_config_to_dict(mine), lora_config_to_dict(theirs)
+    keys = sorted(set(mine) | set(theirs))
+    return {
+        key: (mine.get(key), theirs.get(key))
+        for key in keys
+        if key not in _NON_COMPUTING_FIELDS and key != "peft_type" and mine.get(key) != theirs.get(key)
+    }
+
+
 # What the adapter's base model is, which decides which files a generated adapter is written as:
 #   "peft": any model PEFT wraps (transformers, plain torch); PEFT files only.
 #   "diffusers": the UNet of a diffusers pipeline; PEFT files and diffusers' pytorch_lora_weights.safetensors.
@@ -237,16 +250,11 @@ class LoraLayout:
     def check_config(self, lora_config: LoraConfig | dict) -> None:
         """Raise `LayoutMismatchError` if a LoRA config differs from the layout's in a field that changes the tensors
         or their meaning (rank, alpha, target modules, rslora, ...)."""
-        other = lora_config_to_dict(lora_config)
-        for key in sorted(set(self.lora_config) | set(other)):
-            if key in _NON_COMPUTING_FIELDS or key == "peft_type":
-                continue
-            mine, theirs = self.lora_config.get(key), other.get(key)
-            if mine != theirs:
-                raise LayoutMismatchError(
-                    f"The adapter's LoraConfig has {key}={theirs!r} but the layout has {key}={mine!r}. All adapters "
-                    "of a bank must share one LoRA configuration."
-                )
+        for key, (mine, theirs) in lora_config_differences(self.lora_config, lora_config).items():
+            raise LayoutMismatchError(
+                f"The adapter's LoraConfig has {key}={theirs!r} but the layout has {key}={mine!r}. All adapters "
+                "of a bank must share one LoRA configuration."
+            )
 
     # ---- flat vectors -------------------------------------------------------------------------------------------
     def flatten(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
