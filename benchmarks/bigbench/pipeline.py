@@ -119,7 +119,7 @@ def multitask_lora(
     (bank tasks x steps) optimiser steps (default `settings.multitask_step_fraction`)."""
     fraction = settings.multitask_step_fraction if step_fraction is None else step_fraction
     steps = max(1, round(fraction * settings.steps * len(tasks)))
-    key = settings.key(LORA_FIELDS, "multitask", fraction, sorted(t.name for t in tasks))
+    key = _multitask_key(settings, fraction, tasks)
     entry = cache / "multitask" / key
     partial = cache / "multitask" / f"{key}.partial"  # the Trainer's resumable state while it trains
     # Hours on a CPU: a second process waits here for the first instead of training it again (the lock goes with the
@@ -153,8 +153,13 @@ def _train_multitask(base, tokenizer, tasks, settings: Settings, steps: int, ent
 
 def multitask_start(multitask: dict, settings: Settings, tasks: list[BenchTask]) -> dict:
     """The multi-task LoRA's last checkpoint as the start of a shared-start bank (`task_loras(..., start=...)`)."""
-    key = settings.key(LORA_FIELDS, "multitask", settings.multitask_step_fraction, sorted(t.name for t in tasks))
+    key = _multitask_key(settings, settings.multitask_step_fraction, tasks)
     return {"key": key, "state_dict": multitask["bank"].checkpoints[-1].state_dict}
+
+
+def _multitask_key(settings: Settings, fraction: float, tasks: list[BenchTask]) -> str:
+    """The cache key of the multi-task LoRA of `fraction` x (tasks x steps) on `tasks`."""
+    return settings.key(LORA_FIELDS, "multitask", fraction, sorted(task.name for task in tasks))
 
 
 def final_vector(bank: LoraBank) -> torch.Tensor:

@@ -310,7 +310,7 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
     heldout = results["heldout"]
     present = next(iter(heldout.values()))
     columns = [c for c in ("base", "oracle", *BASELINES, *SHARED_START) if c in present] + [
-        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c
+        c for c in ordered(present) if c.startswith("generated") and ", " not in c
     ]
     lines += ["| task | family | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for task, scores in sorted(heldout.items()):
