@@ -16,8 +16,15 @@
 
 Sequences are left-padded (with position ids counted over real tokens only, so padding never changes a score) and
 only the last positions' logits are computed (`logits_to_keep`), which skips most of the LM head's cost.
+
+**Shared prompts.** The choices of a multiple-choice example share its prompt, and the prompt is most of the tokens
+(a BIG-bench prompt of 200 tokens, 60 one-word choices). So each prompt is run once, with the model's key/value cache
+kept, and all its choices are scored from that cache in one more pass over the answer tokens only (none at all when
+every answer is one token: the prompt's last logits score them). The numbers are those of one full pass per choice
+up to float rounding; `share_prompts=False`, or a model that returns no cache, takes the full passes.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -64,6 +71,11 @@ def _sequences(tokenizer, examples, input_prefix: str, output_prefix: str, max_l
     for index, example in enumerate(examples):
         text, target, choices = _fields(example)
         prompt = tokenizer(input_prefix + text + output_prefix, add_special_tokens=False)["input_ids"]
+        if not prompt:
+            raise ValueError(
+                f"Example {index} has an empty prompt (input and prefixes), so its answer's first token has nothing "
+                "to be predicted from. Give it an input or an input_prefix / output_prefix."
+            )
         answers = choices if choices else [target]
         if choices and target not in choices:
             answers = [*choices, target]
@@ -73,8 +85,10 @@ def _sequences(tokenizer, examples, input_prefix: str, output_prefix: str, max_l
                 raise ValueError(f"The answer {answer_text!r} of example {index} has no tokens; it cannot be scored.")
             kept_prompt = prompt
             if max_length is not None and len(prompt) + len(answer) > max_length:
-                answer = answer[:max_length]
-                kept_prompt = prompt[len(prompt) - (max_length - len(answer)) :] if len(answer) < max_length else []
+                answer = answer[
+                    : max_length - 1
+                ]  # at least one prompt token stays: it predicts the first answer token
+                kept_prompt = prompt[len(prompt) - (max_length - len(answer)) :]
             sequences.append(_Sequence(index, choice if choices else None, answer_text == target, kept_prompt, answer))
     return sequences
 
@@ -99,6 +113,18 @@ def _batch(sequences: list[_Sequence], pad_token_id: int, device):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
+def _pack(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive groups into batches of at most `batch_size` answers (a group is never split across batches)."""
+    batches, current, count = [], [], 0
+    for group in groups:
+        if current and count + len(group) > batch_size:
+            batches.append(current)
+            current, count = [], 0
+        current.append(group)
+        count += len(group)
+    return batches + [current] if current else batches
+
+
 def _answer_log_likelihoods(model, sequences, pad_token_id, autocast_dtype) -> torch.Tensor:
     """Summed log-likelihood of each sequence's answer tokens given its prompt, shape (B,), float64."""
     device = _model_device(model)
@@ -107,16 +133,84 @@ def _answer_log_likelihoods(model, sequences, pad_token_id, autocast_dtype) -> t
     keep = min(keep, input_ids.shape[1])
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        try:
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
-        except TypeError:  # a model without logits_to_keep: compute every position, keep the last ones
-            logits = model(**inputs, use_cache=False).logits[:, -keep:]
+        logits = _forward(model, {**inputs, "use_cache": False}, keep).logits  # (B, keep, V)
     scores = torch.zeros(len(sequences), dtype=torch.float64)
     for row, sequence in enumerate(sequences):
         count = len(sequence.answer)
         predicting = logits[row, keep - count - 1 : keep - 1].float()  # (count, V): position t predicts token t+1
         targets = torch.tensor(sequence.answer, device=predicting.device)
         scores[row] = -F.cross_entropy(predicting, targets, reduction="sum").double().cpu()
+    return scores
+
+
+def _forward(model, inputs: dict, keep: int):
+    """The model's output with the logits of the last `keep` positions only, where the model accepts that."""
+    try:
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError:  # a model without logits_to_keep: compute every position, keep the last ones
+        output = model(**inputs)
+        output.logits = output.logits[:, -keep:]
+        return output
+
+
+def _cache_argument(model) -> str:
+    """The name under which the model's forward takes a key/value cache: `cache` since transformers 5.2x, before
+    that `past_key_values` (still accepted, with a deprecation warning)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it through
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _prompt_groups(sequences: list[_Sequence], indices: list[int], size: int) -> list[list[int]]:
+    """The sequences of `indices` in groups that share one prompt (the choices of an example, unless `max_length` cut
+    their prompts differently), at most `size` per group, longest prompts first."""
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for index in indices:
+        groups.setdefault((sequences[index].example, tuple(sequences[index].prompt)), []).append(index)
+    chunks = [rows[start : start + size] for rows in groups.values() for start in range(0, len(rows), size)]
+    return sorted(chunks, key=lambda rows: -len(sequences[rows[0]].prompt))
+
+
+def _shared_prompt_log_likelihoods(model, sequences, groups: list[list[int]], pad_token_id, autocast_dtype):
+    """Summed answer log-likelihoods of the sequences of `groups` (each group one prompt), shape (sum of group sizes,)
+    float64 in the groups' order, from one pass over the prompts (their cache kept) and one over the answers; None
+    when the model returns no key/value cache."""
+    device = _model_device(model)
+    prompts = [_Sequence(0, None, False, sequences[rows[0]].prompt, []) for rows in groups]
+    input_ids, attention_mask, position_ids = _batch(prompts, pad_token_id, device)  # (G, P)
+    rows = [row for group in groups for row in group]
+    owner = torch.tensor([number for number, group in enumerate(groups) for _ in group], device=device)  # (N,)
+    answers = [sequences[row].answer for row in rows]
+    width = max(len(answer) for answer in answers) - 1  # answer tokens that predict a next one
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        output = _forward(model, {**inputs, "use_cache": True}, keep=1)
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            return None
+        first = output.logits[:, -1].float().log_softmax(dim=-1)[owner]  # (N, V): predicts each answer's 1st token
+        if width > 0:
+            cache.reorder_cache(owner)  # one copy of its prompt's keys and values per answer
+            tails = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, answer in enumerate(answers):
+                tails[row, : len(answer) - 1] = torch.tensor(answer[:-1], dtype=torch.long)
+                tail_mask[row, : len(answer) - 1] = 1
+            prompt_lengths = attention_mask.sum(dim=-1)[owner]  # (N,)
+            inputs = {
+                "input_ids": tails.to(device),  # (N, W): right-padded, so padding only follows real tokens
+                "attention_mask": torch.cat([attention_mask[owner], tail_mask.to(device)], dim=-1),  # (N, P + W)
+                "position_ids": prompt_lengths[:, None] + torch.arange(width, device=device)[None],  # (N, W)
+                _cache_argument(model): cache,
+                "use_cache": True,
+            }
+            rest = model(**inputs).logits  # (N, W, V): position t predicts answer token t + 1
+    scores = torch.zeros(len(rows), dtype=torch.float64)
+    for row, answer in enumerate(answers):
+        score = first[row, answer[0]]
+        if len(answer) > 1:
+            targets = torch.tensor(answer[1:], device=rest.device)
+            score = score - F.cross_entropy(rest[row, : len(answer) - 1].float(), targets, reduction="sum")
+        scores[row] = score.double().cpu()
     return scores
 
 
@@ -132,6 +226,7 @@ def evaluate_answers(
     autocast_dtype: torch.dtype | None = None,
     show_progress: bool = True,
     desc: str = "Scoring answers",
+    share_prompts: bool = True,
 ) -> dict:
     """Score a causal LM on prompt/answer examples: answer NLL per token and multiple-choice accuracy.
 
@@ -143,11 +238,15 @@ def evaluate_answers(
             `input`, `target` and optional `choices`.
         input_prefix, output_prefix: the prompt is `input_prefix + input + output_prefix` (default: the `TaskData`'s
             prefixes, else BIG-bench's `"\\nQ: "` and `"\\nA: "`).
-        batch_size: sequences (one per choice) per forward pass; does not change the result.
-        max_length: cut the start of prompts so that prompt + answer fit in this many tokens (None: no cut).
+        batch_size: answers (one per choice) per forward pass; does not change the result.
+        max_length: cut the start of prompts so that prompt + answer fit in this many tokens (None: no cut); an
+            answer longer than that keeps its first `max_length - 1` tokens after the prompt's last one.
         autocast_dtype: run the forward passes under `torch.autocast` with this dtype (log-likelihoods in float32).
         show_progress: show a tqdm bar over batches.
         desc: the bar's label.
+        share_prompts: run each prompt once and score its answers from the model's key/value cache (the same
+            numbers up to float rounding, several times faster on multiple-choice tasks); False: one full pass per
+            answer.
 
     Returns:
         A dict: `answer_nll` (nats per answer token), `num_tokens`, `num_examples`, `accuracy` (share of
@@ -176,7 +275,6 @@ def evaluate_answers(
         raise ValueError(f"max_length must be an integer >= 2 or None, got {max_length!r}.")
     examples = list(examples)
     sequences = _sequences(tokenizer, examples, input_prefix, output_prefix, max_length)
-    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i].prompt) + len(sequences[i].answer)))
     pad_token_id = next(
         (
             t
@@ -187,15 +285,33 @@ def evaluate_answers(
     )  # masked out anyway
 
     log_likelihoods = torch.zeros(len(sequences), dtype=torch.float64)
+    groups = _prompt_groups(sequences, list(range(len(sequences))), batch_size) if share_prompts else []
+    shared_batches = _pack([group for group in groups if len(group) > 1], batch_size)
+    # An answer alone with its prompt (a generative example) has nothing to share: one full pass is cheaper.
+    full = [group[0] for group in groups if len(group) == 1] if share_prompts else list(range(len(sequences)))
     was_training = model.training
     model.eval()
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(sequences), desc=desc, unit="answer", leave=False, disable=not show_progress or None)
     try:
         with torch.no_grad():
-            for rows in tqdm(batches, desc=desc, unit="batch", disable=not show_progress or None, leave=False):
+            for groups in shared_batches:
+                rows = [row for group in groups for row in group]
+                scores = _shared_prompt_log_likelihoods(model, sequences, groups, pad_token_id, autocast_dtype)
+                if scores is None:  # this model returns no key/value cache: full passes for everything
+                    full = list(range(len(sequences)))
+                    break
+                log_likelihoods[rows] = scores
+                bar.update(len(rows))
+            bar.reset()
+            bar.update(len(sequences) - len(full))
+            full.sort(key=lambda i: -len(sequences[i].prompt + sequences[i].answer))
+            for start in range(0, len(full), batch_size):
+                rows = full[start : start + batch_size]
                 scores = _answer_log_likelihoods(model, [sequences[i] for i in rows], pad_token_id, autocast_dtype)
                 log_likelihoods[rows] = scores
+                bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
 
     example_nll = [0.0] * len(examples)

@@ -1,6 +1,8 @@
 """evaluate_answers: answer NLL per token and multiple-choice accuracy, checked against a plain forward pass."""
 
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from peft_cvae.answer_evaluation import evaluate_answers
-from peft_cvae.testing_utils import tiny_llama
+from peft_cvae.testing_utils import TINY_CAUSAL_LM_FAMILIES, tiny_causal_lm, tiny_llama
 
 EXAMPLES = [
     {"input": "2 + 2", "target": "4"},
@@ -139,3 +141,99 @@ def test_bad_examples_are_refused_clearly(model_and_tokenizer, examples, message
     model, tokenizer = model_and_tokenizer
     with pytest.raises((ValueError, TypeError), match=message):
         evaluate_answers(model, tokenizer, examples, show_progress=False)
+
+
+MANY_CHOICES = [
+    *EXAMPLES,
+    {"input": "name a colour " * 3, "target": "blue", "choices": ["red", "blue", "green and yellow", "the sky", "x"]},
+    {"input": "which is a word", "target": "apple tree", "choices": ["stone", "table", "chair"]},  # target added
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_shared_prompts_score_as_full_passes(model_and_tokenizer, batch_size):
+    """One pass over each prompt with its key/value cache reused for every choice: the scores of a full pass per
+    choice, whatever the batch size (groups larger than a batch are split, each part runs its prompt again)."""
+    model, tokenizer = model_and_tokenizer
+    full = evaluate_answers(model, tokenizer, MANY_CHOICES, batch_size=4, share_prompts=False, show_progress=False)
+    shared = evaluate_answers(model, tokenizer, MANY_CHOICES, batch_size=batch_size, show_progress=False)
+    assert shared["example_nll"] == pytest.approx(full["example_nll"], rel=1e-5, abs=1e-5)
+    assert shared["example_correct"] == full["example_correct"]
+    assert shared["answer_nll"] == pytest.approx(full["answer_nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CAUSAL_LM_FAMILIES))
+def test_shared_prompts_on_every_model_family(model_and_tokenizer, family):
+    """Each family's cache (GPT-2's, Gemma-3's sliding layers, ...) is reused: the model sees fewer tokens, and the
+    scores are a full pass's."""
+    _, tokenizer = model_and_tokenizer
+    model = tiny_causal_lm(family, 0, len(tokenizer))
+    tokens = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].numel()), with_kwargs=True)
+    full = evaluate_answers(model, tokenizer, MANY_CHOICES, share_prompts=False, show_progress=False)
+    full_tokens, tokens[:] = sum(tokens), []
+    shared = evaluate_answers(model, tokenizer, MANY_CHOICES, show_progress=False)
+    hook.remove()
+    assert sum(tokens) < 0.6 * full_tokens
+    assert shared["example_nll"] == pytest.approx(full["example_nll"], rel=1e-5, abs=1e-5)
+    assert shared["example_correct"] == full["example_correct"]
+
+
+def test_shared_prompts_with_prompts_cut_differently_per_choice(model_and_tokenizer):
+    """max_length cuts a long prompt by its answer's length, so the choices of one example have different prompts:
+    they are grouped apart and still score as full passes; an answer that fills max_length has no prompt left."""
+    model, tokenizer = model_and_tokenizer
+    long = [
+        {"input": "word " * 20, "target": "no", "choices": ["yes", "no", "green and yellow and blue"]},
+        {"input": "word " * 20, "target": "blue on a clear day"},
+    ]
+    for max_length in (8, 4):
+        full = evaluate_answers(
+            model, tokenizer, long, max_length=max_length, share_prompts=False, show_progress=False
+        )
+        shared = evaluate_answers(model, tokenizer, long, max_length=max_length, show_progress=False)
+        assert shared["example_nll"] == pytest.approx(full["example_nll"], rel=1e-5, abs=1e-5)
+        assert shared["example_correct"] == full["example_correct"]
+
+
+def test_shared_prompts_through_a_peft_model(model_and_tokenizer):
+    """A PeftModel passes the cache through to its base model; a non-zero LoRA changes the scores in both paths."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    base = evaluate_answers(model, tokenizer, MANY_CHOICES, show_progress=False)
+    full = evaluate_answers(peft_model, tokenizer, MANY_CHOICES, share_prompts=False, show_progress=False)
+    shared = evaluate_answers(peft_model, tokenizer, MANY_CHOICES, show_progress=False)
+    assert shared["example_nll"] == pytest.approx(full["example_nll"], rel=1e-5, abs=1e-5)
+    assert abs(shared["answer_nll"] - base["answer_nll"]) > 1e-3
+
+
+class NoCacheModel(torch.nn.Module):
+    """A causal LM that returns logits only (no key/value cache), as some custom models do."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return SimpleNamespace(logits=logits)
+
+
+def test_a_model_without_a_cache_gets_full_passes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    expected = evaluate_answers(model, tokenizer, MANY_CHOICES, share_prompts=False, show_progress=False)
+    result = evaluate_answers(NoCacheModel(model), tokenizer, MANY_CHOICES, show_progress=False)
+    assert result["example_nll"] == pytest.approx(expected["example_nll"], rel=1e-5, abs=1e-5)
+    assert result["example_correct"] == expected["example_correct"]
+
+
+def test_an_empty_prompt_is_refused_clearly(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="empty prompt"):
+        evaluate_answers(model, tokenizer, [{"input": "", "target": "x"}], input_prefix="", output_prefix="")
