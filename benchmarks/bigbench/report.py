@@ -402,7 +402,8 @@ HOW_IT_WORKS = """## How it works
   the shared-start bank together.
 - **Metrics**: answer NLL per token (nats; scored exactly as trained: prompt and answer tokenized separately) and
   multiple-choice accuracy (the choice with the highest summed log-likelihood), by
-  `peft_cvae.answer_evaluation.evaluate_answers`. Intervals: 95% bootstrap over families.
+  `peft_cvae.answer_evaluation.evaluate_answers` (each prompt run once, its choices scored from its key/value
+  cache; the time saved: `benchmarks/results/answer_scoring_full.md`). Intervals: 95% bootstrap over families.
 - **Cache**: every LoRA, condition, generator and score is cached under `--cache-dir` and reused on a rerun;
   `--report-only` rewrites this page from the JSON.
 """
