@@ -83,6 +83,14 @@ class PeftCVAEConfig(PretrainedConfig):
             learns almost nothing, so an unseen task gets a plain similarity mix. When > 0 the decoder also gets the
             memory's best cosine similarity (after masking) as an input, so it can tell "my task is in the memory"
             (similarity 1: return the stored mean) from "only neighbours are" (decode a correction).
+        functional_offset (`bool`, defaults to `False`):
+            Keep a learned LoRA-sized vector (raw LoRA units, starting at zero) that is added to every adapter the
+            generator writes but not to the reconstruction the CVAE loss compares with a checkpoint, so only a
+            functional loss (`train_generator(..., functional_loss=...)`) trains it. Independently trained LoRAs
+            cannot be averaged into what their tasks share (a multi-task LoRA learns it from the pooled data, and
+            the decoder's per-patch output layer cannot write an arbitrary shared vector); this offset can learn
+            it, at a LoRA's own learning rate (`FunctionalLoss(offset_lr=...)`), while the decoder and task memory
+            supply the task-specific part (issue 13). Costs one checkpoint's size.
     """
 
     model_type = "peft_cvae"
@@ -105,6 +113,7 @@ class PeftCVAEConfig(PretrainedConfig):
     canonical_form: str | None = None
     task_memory_dtype: str = "float32"
     memory_holdout: float = 0.0
+    functional_offset: bool = False
 
     def __post_init__(self, **kwargs):
         for name in ("task_names", "task_descriptions"):
@@ -171,8 +180,9 @@ class PeftCVAEConfig(PretrainedConfig):
             raise InvalidConfigError(
                 f"PeftCVAEConfig.kernel_size must be odd to keep the length, got {self.kernel_size}."
             )
-        if not isinstance(self.task_memory, bool):
-            raise InvalidConfigError(f"PeftCVAEConfig.task_memory must be true or false, got {self.task_memory!r}.")
+        for name in ("task_memory", "functional_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigError(f"PeftCVAEConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         holdout = self.memory_holdout
         if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout <= 1.0:
             raise InvalidConfigError(

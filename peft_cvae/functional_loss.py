@@ -48,6 +48,11 @@ class FunctionalLoss:
         max_length: tokens per example (a longer one loses the start of its prompt, as in `collect`).
         weight: the factor of this loss in `train_generator`'s total loss.
         seed: the seed of the example draws.
+        on_generated: score what the generator writes for each sample's condition at z = 0 (what `generate_adapter`
+            returns, the sample's task hidden from the task memory as `memory_holdout` draws it: an unseen task's
+            situation) instead of the reconstruction of the sample's checkpoint, which the encoder saw.
+        offset_lr: the learning rate of the generator's `functional_offset` (`PeftCVAEConfig.functional_offset`),
+            in raw LoRA units like a LoRA's own (e.g. the one its bank was trained with); None: the generator's.
 
     Example:
         ```python
@@ -59,13 +64,19 @@ class FunctionalLoss:
 
     def __init__(
         self, base_model, tokenizer, tasks, layout, *, examples_per_task: int = 4, max_length: int = 128,
-        weight: float = 1.0, seed: int = 0,
+        weight: float = 1.0, seed: int = 0, on_generated: bool = False, offset_lr: float | None = None,
     ):  # fmt: skip
         for name, value in (("examples_per_task", examples_per_task), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise InvalidConfigError(f"weight must be a number >= 0, got {weight!r}.")
+        if offset_lr is not None and (
+            isinstance(offset_lr, bool) or not isinstance(offset_lr, (int, float)) or not 0 < offset_lr < float("inf")
+        ):
+            raise InvalidConfigError(f"offset_lr must be a positive number or None, got {offset_lr!r}.")
+        if not isinstance(on_generated, bool):
+            raise InvalidConfigError(f"on_generated must be true or false, got {on_generated!r}.")
         if isinstance(tasks, (list, tuple)):
             tasks = {task.name: task for task in tasks}
         if not isinstance(tasks, dict) or not tasks or not all(isinstance(t, TaskData) for t in tasks.values()):
@@ -81,6 +92,8 @@ class FunctionalLoss:
         self.max_length = max_length
         self.weight = float(weight)
         self.seed = seed
+        self.on_generated = on_generated
+        self.offset_lr = None if offset_lr is None else float(offset_lr)
         with quiet_libraries():
             model = get_peft_model(copy.deepcopy(base_model), layout.peft_config(), adapter_name=ADAPTER_NAME)
         self.model = model.eval().requires_grad_(False)  # eval: no dropout; the vectors are the only variables
@@ -102,6 +115,8 @@ class FunctionalLoss:
             "functional_loss_examples_per_task": self.examples_per_task,
             "functional_loss_max_length": self.max_length,
             "functional_loss_seed": self.seed,
+            "functional_loss_on_generated": self.on_generated,
+            "functional_offset_lr": -1.0 if self.offset_lr is None else self.offset_lr,  # -1: the generator's lr
         }
 
     def check_generator(self, generator) -> None:

@@ -89,6 +89,8 @@ class PeftCVAEOutput(ModelOutput):
         kl_loss: KL(q(z | x, c) || N(0, I)), summed over latent dimensions, averaged over the batch.
         reconstruction: the decoded flat vectors in normalised space, shape (B, N).
         latent_mean, latent_log_variance: parameters of q(z | x, c), shape (B, latent_size).
+        generated: with `return_generated=True`, what the generator writes for each condition at z = 0 (functional
+            offset included), in normalised space, shape (B, N).
     """
 
     loss: torch.Tensor | None = None
@@ -97,6 +99,7 @@ class PeftCVAEOutput(ModelOutput):
     reconstruction: torch.Tensor | None = None
     latent_mean: torch.Tensor | None = None
     latent_log_variance: torch.Tensor | None = None
+    generated: torch.Tensor | None = None
 
 
 def _num_groups(channels: int) -> int:
@@ -275,6 +278,8 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         if config.task_memory:
             dtype = getattr(torch, config.task_memory_dtype)
             self.task_memory = TaskMemory(len(config.task_names), layout.numel, dtype)
+        # (N,) raw LoRA units, added to what the generator writes; trained by a functional loss only
+        self.functional_offset = nn.Parameter(torch.zeros(layout.numel)) if config.functional_offset else None
         self._index_cache = {}
         self.post_init()
 
@@ -287,6 +292,8 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             init.zeros_(module.bias)
         if isinstance(module, TaskMemory):
             init.constant_(module.log_temperature, math.log(0.1))  # sharp enough to pick a task from the start
+        if isinstance(module, PeftCVAEGenerator) and module.functional_offset is not None:
+            init.zeros_(module.functional_offset)  # e.g. from_pretrained(..., functional_offset=True) of an older one
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -554,20 +561,34 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         return self.denormalize(self._decode_normalized(latent, condition))
 
     def _decode_normalized(
-        self, latent: torch.Tensor, condition: torch.Tensor, hidden_tasks: torch.Tensor | None = None
+        self,
+        latent: torch.Tensor,
+        condition: torch.Tensor,
+        hidden_tasks: torch.Tensor | None = None,
+        with_offset: bool = True,
     ) -> torch.Tensor:
-        """(B, Z), (B, cond) -> normalised flat vectors (B, N): the decoder, plus the task memory when there is one.
+        """(B, Z), (B, cond) -> normalised flat vectors (B, N): the decoder, plus the task memory when there is one,
+        plus the functional offset when there is one and `with_offset` (what the generator writes; the CVAE loss
+        compares the rest with a checkpoint).
 
         `hidden_tasks` (B,) int64: per sample, a task index masked out of the memory (-1: none); see
         `config.memory_holdout`."""
         if self.task_memory is None:
             if hidden_tasks is not None:
                 raise InvalidConfigError("hidden_tasks hides tasks from the task memory; this generator has none.")
-            return self.unpatchify(self.decoder(latent, condition))  # (B, N)
-        weights, best_similarity = self.task_memory.weights(condition, self.task_conditions, hidden_tasks)
-        feature = best_similarity if self.config.memory_holdout > 0 else None  # (B,): is the task in the memory?
-        decoded = self.unpatchify(self.decoder(latent, condition, feature))  # (B, N)
-        return decoded + self.task_memory.mix(weights)
+            decoded = self.unpatchify(self.decoder(latent, condition))  # (B, N)
+        else:
+            weights, best_similarity = self.task_memory.weights(condition, self.task_conditions, hidden_tasks)
+            feature = best_similarity if self.config.memory_holdout > 0 else None  # (B,): is the task in the memory?
+            decoded = self.unpatchify(self.decoder(latent, condition, feature)) + self.task_memory.mix(weights)
+        return self.with_functional_offset(decoded) if with_offset else decoded
+
+    def with_functional_offset(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Normalised flat vectors (B, N) plus the functional offset (`config.functional_offset`), which is kept in
+        raw LoRA units so that its learning rate means what a LoRA's does; unchanged without one."""
+        if self.functional_offset is None:
+            return normalized
+        return normalized + self._per_tensor(self.functional_offset[None].to(normalized), torch.div)  # (B, N)
 
     def forward(
         self,
@@ -576,6 +597,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         return_dict: bool = True,
         noise: torch.Tensor | None = None,
         hidden_tasks: torch.Tensor | None = None,
+        return_generated: bool = False,
     ) -> PeftCVAEOutput:
         """Encode, sample z (the mean in eval mode), decode, and score.
 
@@ -588,6 +610,9 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             hidden_tasks: per sample, the index (in `config.task_names`) of a task to hide from the task memory, -1
                 for none, shape (B,) int64. `train_generator` passes each sample's own task with probability
                 `config.memory_holdout` (leave-one-task-out: the memory then mixes only other tasks).
+            return_generated: also decode each condition at z = 0 (what `generate_adapter` writes for it, the
+                functional offset included, `hidden_tasks` hidden from the memory) into `output.generated`: the
+                LoRA a functional loss on the generation path scores.
         """
         if params.dim() != 2 or params.shape[1] != self.config.lora_layout.numel:
             raise LayoutMismatchError(
@@ -604,9 +629,12 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
             latent = mean + noise * torch.exp(0.5 * log_variance)  # reparameterisation
         else:
             latent = mean
-        reconstruction = self._decode_normalized(latent, condition, hidden_tasks)  # (B, N)
+        reconstruction = self._decode_normalized(latent, condition, hidden_tasks, with_offset=False)  # (B, N)
         reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
         kl_loss = (-0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp())).sum(dim=-1).mean()
         loss = reconstruction_loss + self.config.kl_weight * kl_loss
-        output = PeftCVAEOutput(loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance)
+        generated = None
+        if return_generated:  # z = 0, the prior's mean: what generation writes at temperature 0
+            generated = self._decode_normalized(torch.zeros_like(mean), condition, hidden_tasks)  # (B, N)
+        output = PeftCVAEOutput(loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance, generated)
         return output if return_dict else output.to_tuple()

@@ -307,7 +307,9 @@ class _Loop:
             sampler=EpochShuffleSampler(len(dataset), args.seed),
             **_loader_options(args, accelerator),
         )
-        optimizer = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(
+            _parameter_groups(generator, args, functional_loss), weight_decay=args.weight_decay
+        )
         model, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
         # The schedule counts optimizer steps of the global batch, so its state means the same on any number of
         # processes (a prepared scheduler would step once per process) and a run can resume on another process count.
@@ -362,11 +364,15 @@ class _Loop:
             if holdout > 0:  # leave-one-task-out: hide each sample's own task from the memory with this probability
                 draw = torch.rand(self.global_batch_size, generator=self.noise_generator)[first : first + len(task)]
                 hidden = torch.where(draw < holdout, task.cpu(), -1).to(accelerator.device)  # (b,), -1: none hidden
+            on_generated = self.functional_loss is not None and self.functional_loss.on_generated
             with accelerator.accumulate(model):
-                output = model(params, condition, noise=noise, hidden_tasks=hidden)
+                output = model(params, condition, noise=noise, hidden_tasks=hidden, return_generated=on_generated)
                 loss, functional = output.loss, torch.zeros((), device=accelerator.device)
-                if self.functional_loss is not None:  # the decoded (sampled) LoRAs on the frozen base model
-                    functional = self._functional(output.reconstruction, task, epoch, batch_index, first)
+                if self.functional_loss is not None:  # the decoded LoRAs on the frozen base model
+                    scored = output.generated if on_generated else self.generator.with_functional_offset(
+                        output.reconstruction
+                    )  # fmt: skip
+                    functional = self._functional(scored, task, epoch, batch_index, first)
                     loss = loss + self.functional_loss.weight * functional
                 accelerator.backward(loss)
                 if self.args.max_grad_norm is not None and accelerator.sync_gradients:
@@ -388,11 +394,11 @@ class _Loop:
             record["functional_loss"] = totals[3].item()
         return record
 
-    def _functional(self, reconstruction, task, epoch: int, batch_index: int, first: int) -> torch.Tensor:
-        """The functional loss of a batch's decoded LoRAs (normalised `reconstruction` (B, N)); each sample's task is
-        the bank task at its index `task` (B,), its examples drawn from (epoch, batch, row in the global batch)."""
+    def _functional(self, decoded, task, epoch: int, batch_index: int, first: int) -> torch.Tensor:
+        """The functional loss of a batch's decoded LoRAs (normalised, (B, N)); each sample's task is the bank task
+        at its index `task` (B,), its examples drawn from (epoch, batch, row in the global batch)."""
         tasks = [self.task_names[index] for index in task.tolist()]
-        vectors = self.generator.denormalize(reconstruction)  # (B, N) raw flat LoRA vectors (canonical form if set)
+        vectors = self.generator.denormalize(decoded)  # (B, N) raw flat LoRA vectors (canonical form if set)
         step = epoch * len(self.loader) + batch_index
         return self.functional_loss(vectors, tasks, step=step, first_row=first)
 
@@ -413,6 +419,17 @@ class _Loop:
             )
             prune_checkpoints(output_dir, keep_last)
         accelerator.wait_for_everyone()
+
+
+def _parameter_groups(generator, args: GeneratorTrainingArguments, functional_loss) -> list[dict]:
+    """AdamW's parameter groups: everything at `args.lr`, except a functional offset (raw LoRA units) at the
+    functional loss's `offset_lr` when it sets one."""
+    offset = getattr(generator, "functional_offset", None)
+    offset_lr = None if functional_loss is None else functional_loss.offset_lr
+    if offset is None or offset_lr is None:
+        return [{"params": list(generator.parameters()), "lr": args.lr}]
+    others = [parameter for parameter in generator.parameters() if parameter is not offset]
+    return [{"params": others, "lr": args.lr}, {"params": [offset], "lr": offset_lr}]
 
 
 def _finish(loop: _Loop, history: list[dict], stopper: EarlyStopping, output_dir: Path | None) -> None:

@@ -212,3 +212,58 @@ def test_bad_input_is_refused_with_a_clear_error(setup):
     partial = FunctionalLoss(base, tokenizer, TASKS[:2], bank.layout, max_length=24)
     with pytest.raises(UnknownTaskError, match="doubles"):
         train_generator(PeftCVAEGenerator.from_bank(bank, **GENERATOR), bank, functional_loss=partial, **TRAINING)
+
+
+# ---- the functional offset (PeftCVAEConfig.functional_offset) ------------------------------------------------------
+def test_an_untrained_offset_changes_nothing_and_the_cvae_loss_alone_never_moves_it(setup):
+    """The offset starts at zero, so a generator with one writes what one without writes; the reconstruction the CVAE
+    loss compares excludes it, so training without a functional loss leaves it at zero."""
+    _, _, bank = setup
+    torch.manual_seed(0)
+    plain = PeftCVAEGenerator.from_bank(bank, **GENERATOR)
+    torch.manual_seed(0)
+    with_offset = PeftCVAEGenerator.from_bank(bank, functional_offset=True, **GENERATOR)
+    assert torch.equal(with_offset.functional_offset, torch.zeros(bank.layout.numel))
+    latent, condition = torch.zeros(1, GENERATOR["latent_size"]), bank.condition("sums")[None]
+    torch.testing.assert_close(with_offset.decode(latent, condition), plain.decode(latent, condition))
+    train_generator(with_offset, bank, **{**TRAINING, "epochs": 2})
+    assert torch.equal(with_offset.functional_offset.detach(), torch.zeros(bank.layout.numel))
+
+
+def test_the_functional_offset_learns_at_its_own_rate_is_written_into_adapters_and_saved(setup, tmp_path):
+    _, _, bank = setup
+    loss = functional(setup, on_generated=True, offset_lr=3e-2)
+    generator = PeftCVAEGenerator.from_bank(bank, functional_offset=True, **GENERATOR)
+    before = generated_nll(generator, bank, loss)
+    history = train_generator(generator, bank, functional_loss=loss, **TRAINING)
+    offset = generator.functional_offset.detach().clone()
+    assert offset.abs().max() > 1e-3  # trained, by the functional loss only
+    assert history[-1]["functional_loss"] < history[0]["functional_loss"]
+    assert generated_nll(generator, bank, loss) < before - 0.1
+
+    latent, condition = torch.zeros(1, GENERATOR["latent_size"]), bank.condition("swaps")[None]
+    with torch.no_grad():  # what the generator writes = the decoder's LoRA + the offset, in raw units
+        without = generator.denormalize(generator._decode_normalized(latent, condition, with_offset=False))
+        torch.testing.assert_close(generator.decode(latent, condition), without + offset, rtol=1e-5, atol=1e-6)
+    adapter = generator.generate_adapter(bank.condition("swaps"), temperature=0.0)
+    flat = bank.layout.flatten({key: value.float() for key, value in adapter.state_dict.items()})
+    torch.testing.assert_close(flat, (without + offset)[0], rtol=1e-5, atol=1e-6)
+
+    generator.save_pretrained(tmp_path / "generator")
+    loaded = PeftCVAEGenerator.from_pretrained(tmp_path / "generator")
+    assert loaded.config.functional_offset is True
+    torch.testing.assert_close(loaded.functional_offset.detach(), offset, rtol=0, atol=0)
+
+
+def test_the_offset_lr_and_the_generated_path_are_recorded_and_checked(setup, tmp_path):
+    _, _, bank = setup
+    generator = PeftCVAEGenerator.from_bank(bank, functional_offset=True, **GENERATOR)
+    loss = functional(setup, on_generated=True, offset_lr=5e-2)
+    train_generator(generator, bank, functional_loss=loss, **{**TRAINING, "epochs": 1}, output_dir=tmp_path / "run")
+    record = read_json(tmp_path / "run" / "training_history.json")["run"]
+    assert record["functional_offset_lr"] == 5e-2 and record["functional_loss_on_generated"] is True
+    for bad in ({"offset_lr": 0}, {"offset_lr": "fast"}, {"on_generated": 1}):
+        with pytest.raises(InvalidConfigError, match=next(iter(bad))):
+            functional(setup, **bad)
+    with pytest.raises(InvalidConfigError, match="functional_offset"):
+        PeftCVAEGenerator.from_bank(bank, functional_offset="yes", **GENERATOR)
