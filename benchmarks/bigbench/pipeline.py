@@ -11,7 +11,8 @@
   `HiddenStateTaskEncoder` over each task's first `num_examples` training examples, prompt + answer).
 - `train_generators`: today's `PeftCVAEGenerator.from_bank`, plain and with `task_memory=True`, on the description
   bank and on the in-context bank (the same checkpoints, other conditions).
-- `train_functional_generators`: the `FUNCTIONAL_VARIANTS`, trained on from those generators with the functional loss.
+- `train_functional_generators`: the `FUNCTIONAL_VARIANTS` and `FUNCTIONAL_OFFSET_VARIANTS`, trained on from those
+  generators with the functional loss.
 - `Scorer`: answer NLL / accuracy of one LoRA on one task's test examples, cached per (task, control, LoRA key).
 
 Nothing is written half: banks and generators go through `save_pretrained` (atomic), JSON through `write_json`.
@@ -56,6 +57,11 @@ SHARED_START_VARIANTS = {"shared start + task memory": {"task_memory": True}}
 # neighbours' mix by what the correction does to the task's answers, not by how close it is to the stored checkpoint:
 # the situation of an unseen task, with the objective that matters. `{label: variant it continues}`.
 FUNCTIONAL_VARIANTS = {"task memory + holdout 0.5 + functional": "task memory + holdout 0.5"}
+# The same, with a functional offset (`PeftCVAEConfig.functional_offset`): a LoRA-sized vector trained by the
+# functional loss only, at the LoRAs' own lr, added to every generated LoRA, with the loss on what generation writes
+# (z = 0, the own task hidden from the memory as memory_holdout draws). What the pooled data teaches a multi-task
+# LoRA can go into the offset; the decoder and memory keep the task-specific part.
+FUNCTIONAL_OFFSET_VARIANTS = {"task memory + holdout 0.5 + functional offset": "task memory + holdout 0.5"}
 
 
 def save_json(data, path: Path) -> None:
@@ -241,19 +247,23 @@ def train_functional_generators(
     generators: dict, banks: dict[str, LoraBank], tasks: list[BenchTask], base, tokenizer, settings: Settings,
     cache: Path, variants: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
-    """`{(kind, label): {...}}` like `train_generators`, for `variants` (default `FUNCTIONAL_VARIANTS`: `{label:
-    variant}`): each starts from `generators[kind, variant]` and trains `functional_epochs` more epochs with the CVAE
-    loss + `functional_weight` x the answer NLL of the decoded LoRA on `functional_examples_per_task` of its task's
-    training examples (held-out families never: `tasks` are the bank's). Cached like the others. `functional_epochs`
-    0: none (the variant is skipped, and with it its rows in the report)."""
+    """`{(kind, label): {...}}` like `train_generators`, for `variants` (`{label: variant}`; default:
+    `FUNCTIONAL_VARIANTS` and `FUNCTIONAL_OFFSET_VARIANTS`): each starts from `generators[kind, variant]` and trains
+    `functional_epochs` more epochs with the CVAE loss + `functional_weight` x the answer NLL of the decoded LoRA on
+    `functional_examples_per_task` of its task's training examples (held-out families never: `tasks` are the bank's).
+    Cached like the others. `functional_epochs` 0: none (the variant is skipped, and its rows in the report)."""
     trained = {}
     if settings.functional_epochs == 0:
         return trained
     functional = None  # built once, when a generator has to be trained: it copies the base model
+    variants = {**FUNCTIONAL_VARIANTS, **FUNCTIONAL_OFFSET_VARIANTS} if variants is None else variants
     for kind, bank in banks.items():
-        for label, variant in (variants or FUNCTIONAL_VARIANTS).items():
+        for label, variant in variants.items():
             start = generators[kind, variant]
-            key = settings.key(FUNCTIONAL_FIELDS, start["key"], label)
+            offset = label in FUNCTIONAL_OFFSET_VARIANTS
+            # the offset's settings join the key (the older variant's key stays as it was)
+            extra = ("offset", settings.lr, "on generated") if offset else ()
+            key = settings.key(FUNCTIONAL_FIELDS, start["key"], label, *extra)
             entry = cache / "generators" / key
             if not (entry / "summary.json").is_file():
                 if functional is None:
@@ -263,7 +273,11 @@ def train_functional_generators(
                         max_length=settings.rules.max_tokens + 1, weight=settings.functional_weight,
                         seed=settings.lora_seed,
                     )  # fmt: skip
+                # the offset learns at the bank LoRAs' lr, on the LoRA generation writes; the plain variant as before
+                functional.on_generated, functional.offset_lr = (True, settings.lr) if offset else (False, None)
                 generator = PeftCVAEGenerator.from_pretrained(cache / "generators" / start["key"] / "generator")
+                if offset:
+                    generator = with_functional_offset(generator)
                 started = time.perf_counter()
                 history = train_generator(
                     generator, bank, epochs=settings.functional_epochs, lr=settings.functional_lr,
@@ -281,10 +295,24 @@ def train_functional_generators(
                     "parameters": sum(p.numel() for p in generator.parameters()),
                     "continues": variant,
                 }
+                if offset:
+                    summary["offset_abs_mean"] = generator.functional_offset.detach().abs().mean().item()
                 save_json(summary, entry / "summary.json")
             generator = PeftCVAEGenerator.from_pretrained(entry / "generator").eval()
             trained[kind, label] = {**read_json(entry / "summary.json"), "generator": generator, "key": key}
     return trained
+
+
+def with_functional_offset(generator: PeftCVAEGenerator) -> PeftCVAEGenerator:
+    """A copy of a trained generator with a functional offset (`PeftCVAEConfig.functional_offset`) at zero: it
+    writes the same LoRAs until a functional loss trains the offset."""
+    config = copy.deepcopy(generator.config)
+    config.functional_offset = True
+    extended = PeftCVAEGenerator(config)
+    load = extended.load_state_dict(generator.state_dict(), strict=False)
+    if load.missing_keys != ["functional_offset"] or load.unexpected_keys:
+        raise RuntimeError(f"Adding a functional offset: unexpected load result {load}.")
+    return extended
 
 
 def generated_vector(generator: PeftCVAEGenerator, condition: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ VARIANT_ORDER = (
     "task memory",
     "task memory + holdout 0.5",
     "task memory + holdout 0.5 + functional",
+    "task memory + holdout 0.5 + functional offset",
     "shared start + task memory",
 )
 
@@ -175,6 +176,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
         ("generated (task memory) from description", "o"),
         ("generated (plain) from description", "x"),
         ("generated (task memory + holdout 0.5 + functional) from description", "^"),
+        ("generated (task memory + holdout 0.5 + functional offset) from description", "s"),
     ):
         if control in heldout[tasks[0]]:
             x = [heldout[t]["nearest description"]["answer_nll"] for t in tasks]
@@ -396,7 +398,10 @@ HOW_IT_WORKS = """## How it works
   held-out task's description or examples (shuffled) and from a random string.
 - **Designs beyond today's generator** (issue 13), where the preset has them: the leave-one-task-out generator
   trained on with the functional loss (`... + functional`: the decoded LoRA's answer NLL on its task's training
-  examples joins the loss); the shared-start bank (`shared start: ...`: every bank task's LoRA trained again from the
+  examples joins the loss); the same with a functional offset (`... + functional offset`: a LoRA-sized vector added
+  to every generated LoRA, trained by the functional loss only, at the bank LoRAs' learning rate, with the loss on
+  what generation writes for the condition at z = 0 and the own task hidden from the memory half the time);
+  the shared-start bank (`shared start: ...`: every bank task's LoRA trained again from the
   multi-task LoRA, `collect --start-adapter`), with its mean, retrieval, top-k mix and a task-memory generator, and
   its control `multi-task LoRA, shared-start budget`: a multi-task LoRA given the steps of the multi-task LoRA and
   the shared-start bank together.
