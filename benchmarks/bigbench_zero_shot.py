@@ -179,6 +179,14 @@ def run(settings: Settings, cache: Path) -> dict:
         # its control: a multi-task LoRA with the steps of the multi-task LoRA and the shared-start bank together
         fraction = settings.multitask_step_fraction + 1.0
         matched = pipeline.multitask_lora(base, tokenizer, bank_tasks, settings, cache, step_fraction=fraction)
+    functional_matched = None
+    if settings.functional_epochs:  # the functional-offset generator's control: its base-model passes, as steps
+        checkpoints = sum(len(entry["bank"]) for entry in bank_loras.values())
+        extra = pipeline.functional_budget_fraction(settings, checkpoints, len(bank_tasks))
+        fraction = round(settings.multitask_step_fraction + extra, 6)
+        functional_matched = pipeline.multitask_lora(
+            base, tokenizer, bank_tasks, settings, cache, step_fraction=fraction
+        )
     timings["loras_loaded_or_trained"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -233,6 +241,11 @@ def run(settings: Settings, cache: Path) -> dict:
             "nearest description": (settings.key((), bank_id, names[nearest]), bank_means[nearest]),
             "top-k mix": (settings.key((), bank_id, settings.top_k, settings.top_k_temperature, weights), mix),
         }
+        if functional_matched is not None:
+            candidates[report.FUNCTIONAL_MULTITASK] = (
+                settings.key((), lora_key, "multitask", functional_matched["fraction"], names),
+                pipeline.final_vector(functional_matched["bank"]),
+            )
         if shared_loras is not None:  # the same retrieval rules over the shared-start bank, and its control
             candidates[report.MATCHED_MULTITASK] = (
                 settings.key((), lora_key, "multitask", matched["fraction"], names),
@@ -321,6 +334,11 @@ def run(settings: Settings, cache: Path) -> dict:
             "multitask": {k: v for k, v in multitask.items() if k != "bank"},
             **(
                 {"multitask_shared_start_budget": {k: v for k, v in matched.items() if k != "bank"}} if matched else {}
+            ),
+            **(
+                {"multitask_functional_budget": {k: v for k, v in functional_matched.items() if k != "bank"}}
+                if functional_matched
+                else {}
             ),
             "checkpoints_per_task": len(next(iter(bank_loras.values()))["bank"]),
         },

@@ -41,7 +41,7 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     assert "foreign.words" not in saved["tasks"] and "short.few" not in saved["tasks"]  # the rules refused them
 
     expected = {"base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix"}
-    expected |= {*report.SHARED_START, report.MATCHED_MULTITASK}
+    expected |= {*report.SHARED_START, report.MATCHED_MULTITASK, report.FUNCTIONAL_MULTITASK}
     for variant in report.VARIANT_ORDER:
         for kind in ("description", "examples"):
             label = f"generated ({variant}) from {kind}"
@@ -70,6 +70,11 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     for scores in saved["heldout"].values():
         assert scores["shared start: mean"]["answer_nll"] != scores["mean of bank LoRAs"]["answer_nll"]
     assert math.isfinite(functional["final_functional_loss"]) and functional["final_functional_loss"] > 0
+    offset = saved["generators"]["task memory + holdout 0.5 + functional offset / description"]
+    assert offset["offset_abs_mean"] > 0  # the functional loss trained the offset
+    # its control: a multi-task LoRA with the functional training's base-model passes on top of its own steps
+    budget = saved["loras"]["multitask_functional_budget"]
+    assert budget["steps"] > saved["loras"]["multitask"]["steps"]
 
     page = (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text()
     assert (

@@ -157,6 +157,15 @@ def _train_multitask(base, tokenizer, tasks, settings: Settings, steps: int, ent
     shutil.rmtree(partial, ignore_errors=True)
 
 
+def functional_budget_fraction(settings: Settings, checkpoints: int, tasks: int) -> float:
+    """The functional training's base-model passes as a multi-task step fraction: its generator steps x samples x
+    examples per sample, in multi-task LoRA steps of `batch_size` examples, over (tasks x steps). What a multi-task
+    LoRA gets on top of its own steps to match the functional-offset generator's compute."""
+    generator_steps = settings.functional_epochs * math.ceil(checkpoints / settings.generator_batch_size)
+    passes = generator_steps * settings.generator_batch_size * settings.functional_examples_per_task
+    return passes / settings.batch_size / (tasks * settings.steps)
+
+
 def multitask_start(multitask: dict, settings: Settings, tasks: list[BenchTask]) -> dict:
     """The multi-task LoRA's last checkpoint as the start of a shared-start bank (`task_loras(..., start=...)`)."""
     key = _multitask_key(settings, settings.multitask_step_fraction, tasks)

@@ -18,7 +18,10 @@ __all__ = ["console_table", "markdown", "plots", "summarize"]
 # With the shared-start bank: a multi-task LoRA given the steps of the multi-task LoRA and that bank together, so that
 # the shared-start designs meet a control of their own training budget.
 MATCHED_MULTITASK = "multi-task LoRA, shared-start budget"
-BASELINES = ("multi-task LoRA", MATCHED_MULTITASK, "mean of bank LoRAs", "nearest description", "top-k mix")
+# A multi-task LoRA given, on top of its own steps, the base-model passes the functional-offset generator trained with
+FUNCTIONAL_MULTITASK = "multi-task LoRA, functional-offset budget"
+BASELINES = ("multi-task LoRA", MATCHED_MULTITASK, FUNCTIONAL_MULTITASK, "mean of bank LoRAs", "nearest description")
+BASELINES += ("top-k mix",)
 # Designs, not controls: the shared-start bank's LoRAs cost another (bank tasks x steps) on top of the multi-task LoRA.
 SHARED_START = ("shared start: mean", "shared start: nearest description", "shared start: top-k mix")
 FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES, *SHARED_START)
