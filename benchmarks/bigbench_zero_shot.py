@@ -392,7 +392,14 @@ def main(argv=None) -> dict:
             for image in images:
                 (staging / image.name).write_bytes(image.read_bytes())
         links = [f"images/{image.name}" for image in images]
-    markdown = report.markdown(results, links, prefix)
+    pooled = None
+    if not args.split_seed:  # the default split's report also pools every split run of this preset
+        runs = {results["settings"]["split_seed"]: results}
+        for path in sorted(args.output_dir.glob(f"bigbench_zero_shot_{args.preset}_split*.json")):
+            other = read_json(path, what="saved benchmark results")
+            runs[other["settings"]["split_seed"]] = other
+        pooled = report.pool_splits(runs)
+    markdown = report.markdown(results, links, prefix, pooled)
     destination.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(destination.parent) as staging:
         (staging / destination.name).write_text(markdown, encoding="utf-8")

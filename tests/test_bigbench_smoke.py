@@ -166,3 +166,35 @@ def test_answer_tokens_are_scored_as_collect_trains_them():
     item = task_dataset(data, tokenizer, max_length=64)[0]
     answer = [label for label in item["labels"].tolist() if label != -100]
     assert answer[:-1] == tokenizer("red", add_special_tokens=False)["input_ids"]  # + EOS, not scored
+
+
+def test_split_runs_are_pooled_task_by_task():
+    """Two family splits: rows present in both are pooled over all their held-out tasks, the best control is chosen
+    over the pool, and a design's difference and wins are counted task by task."""
+
+    def run(seed: int, tasks: dict[str, tuple[str, dict]]) -> dict:
+        return {
+            "settings": {"split_seed": seed, "bootstrap_samples": 200},
+            "tasks": {task: {"family": family} for task, (family, _) in tasks.items()},
+            "heldout": {
+                task: {row: {"answer_nll": v} for row, v in rows.items()} for task, (_, rows) in tasks.items()
+            },
+        }
+
+    design = "generated (x) from description"
+    first = run(0, {
+        "a": ("fa", {"base": 9.0, "multi-task LoRA": 4.0, "nearest description": 6.0, design: 3.0, "only here": 1.0}),
+        "b": ("fb", {"base": 8.0, "multi-task LoRA": 5.0, "nearest description": 4.0, design: 4.5, "only here": 1.0}),
+    })  # fmt: skip
+    second = run(1, {"c": ("fc", {"base": 7.0, "multi-task LoRA": 3.0, "nearest description": 5.0, design: 3.5})})
+    assert report.pool_splits({0: first}) is None  # one split: nothing to pool
+    pooled = report.pool_splits({0: first, 1: second})
+    assert pooled["tasks"] == 3 and pooled["splits"] == [0, 1]
+    assert "only here" not in pooled["rows"]
+    assert pooled["rows"]["multi-task LoRA"]["per_split"] == {0: 4.5, 1: 3.0}
+    assert pooled["rows"]["multi-task LoRA"]["answer_nll"][0] == pytest.approx(4.0)
+    assert pooled["best_control"] == "multi-task LoRA"  # 4.0 against nearest description's 5.0
+    mean, low, high = pooled["differences"][design]
+    assert mean == pytest.approx((-1.0 - 0.5 + 0.5) / 3) and low <= mean <= high
+    assert pooled["wins"][design] == {"multi-task LoRA": 2, "nearest description": 2}
+    assert "All family splits together" in "\n".join(report.pooled_markdown(pooled))

@@ -115,6 +115,73 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def pool_splits(runs: dict[int, dict]) -> dict | None:
+    """The held-out tasks of several family splits (`{split seed: results}`) pooled: per row present in every split,
+    its mean per split and over all tasks with a 95% family-bootstrap interval; the best control over the pool; each
+    design's difference to it (interval) and the tasks it wins. None for fewer than two splits. A task held out in two
+    splits counts twice (each split's LoRAs differ); families are the bootstrap clusters."""
+    if len(runs) < 2:
+        return None
+    rows = set.intersection(*(set(next(iter(r["heldout"].values()))) for r in runs.values()))
+    scores, families = {}, {}
+    for seed, results in sorted(runs.items()):
+        for task, by_row in results["heldout"].items():
+            scores[seed, task] = by_row
+            families[seed, task] = results["tasks"][task]["family"]
+    samples = max(r["settings"]["bootstrap_samples"] for r in runs.values())
+    pooled = {"splits": sorted(runs), "tasks": len(scores), "rows": {}, "differences": {}, "wins": {}}
+    for row in ordered(rows):
+        per_split = {
+            seed: sum(s[row]["answer_nll"] for s in r["heldout"].values()) / len(r["heldout"])
+            for seed, r in sorted(runs.items())
+        }
+        overall = _bootstrap({key: s[row]["answer_nll"] for key, s in scores.items()}, families, samples)
+        pooled["rows"][row] = {"per_split": per_split, "answer_nll": overall}
+    controls = [row for row in BASELINES if row in rows]
+    best = min(controls, key=lambda row: pooled["rows"][row]["answer_nll"][0])
+    pooled["best_control"] = best
+    for row in pooled["rows"]:
+        if row.startswith(DESIGNS) and not row.endswith((", shuffled", ", random string")):
+            difference = {key: s[row]["answer_nll"] - s[best]["answer_nll"] for key, s in scores.items()}
+            pooled["differences"][row] = _bootstrap(difference, families, samples)
+            pooled["wins"][row] = {
+                other: sum(s[row]["answer_nll"] < s[other]["answer_nll"] for s in scores.values())
+                for other in [*controls, f"{row}, shuffled", f"{row}, random string"]
+                if other in rows
+            }
+    return pooled
+
+
+def pooled_markdown(pooled: dict) -> list[str]:
+    """The report's section on all family splits together."""
+    seeds = pooled["splits"]
+    lines = [
+        f"## All family splits together (split seeds {', '.join(map(str, seeds))}: {pooled['tasks']} held-out tasks)",
+        "",
+        "Each split's JSON is its own run (`--split-seed`); rows present in every split. Mean answer NLL per split, "
+        "and over all held-out tasks with a 95% family-bootstrap interval:",
+        "",
+        "| row | " + " | ".join(f"split {seed}" for seed in seeds) + " | all tasks |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for row, entry in pooled["rows"].items():
+        cells = [f"{entry['per_split'][seed]:.3f}" for seed in seeds]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {_interval(entry['answer_nll'])} |")
+    best = pooled["best_control"]
+    lines += [
+        "",
+        f"Designs minus the best control over all splits, **{best}** (an interval below 0 = the design wins), and "
+        "the held-out tasks each design wins against every control and its own shuffled / random-string conditions:",
+        "",
+        "| design | difference [95% CI] | tasks won (of " + str(pooled["tasks"]) + ") |",
+        "|---|---|---|",
+    ]
+    for row, difference in pooled["differences"].items():
+        wins = "; ".join(f"{other.removeprefix(row + ', ')}: {n}" for other, n in pooled["wins"][row].items())
+        lines.append(f"| {row} | {_interval(difference)} | {wins} |")
+    return lines + [""]
+
+
 def _interval(triple, digits: int = 3) -> str:
     mean, low, high = triple
     if mean is None:
@@ -226,7 +293,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     return paths
 
 
-def markdown(results: dict, images: list[str], prefix: str) -> str:
+def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None = None) -> str:
     summary = results["summary"]
     settings = results["settings"]
     data = results["data"]
@@ -328,6 +395,8 @@ def markdown(results: dict, images: list[str], prefix: str) -> str:
     lines += ["", "Retrieval picks (nearest bank task by description):", ""]
     for task, picked in sorted(results["retrieval"].items()):
         lines.append(f"- {task} -> {picked['nearest']}")
+    if pooled is not None:
+        lines += [""] + pooled_markdown(pooled)
     seen = results["seen"]
     if seen:
         seen_columns = ordered(next(iter(seen.values())))
