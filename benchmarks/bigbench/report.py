@@ -156,10 +156,11 @@ def pooled_markdown(pooled: dict) -> list[str]:
     """The report's section on all family splits together."""
     seeds = pooled["splits"]
     lines = [
-        f"## All family splits together (split seeds {', '.join(map(str, seeds))}: {pooled['tasks']} held-out tasks)",
+        "## All family splits together",
         "",
-        "Each split's JSON is its own run (`--split-seed`); rows present in every split. Mean answer NLL per split, "
-        "and over all held-out tasks with a 95% family-bootstrap interval:",
+        f"Split seeds {', '.join(map(str, seeds))}, {pooled['tasks']} held-out tasks in all; each split's JSON is its "
+        "own run (`--split-seed`); rows present in every split. Mean answer NLL per split, and over all held-out "
+        "tasks with a 95% family-bootstrap interval:",
         "",
         "| row | " + " | ".join(f"split {seed}" for seed in seeds) + " | all tasks |",
         "|---|" + "---|" * (len(seeds) + 1),
