@@ -91,6 +91,9 @@ class PeftCVAEOutput(ModelOutput):
         latent_mean, latent_log_variance: parameters of q(z | x, c), shape (B, latent_size).
         generated: with `return_generated=True`, what the generator writes for each condition at z = 0 (functional
             offset included), in normalised space, shape (B, N).
+        offset_reconstruction: with a functional offset, the reconstruction plus the offset (what the generator
+            writes for this latent), in normalised space, shape (B, N); None without one. Computed in `forward`, so a
+            functional loss on it trains the offset under data-parallel training too.
     """
 
     loss: torch.Tensor | None = None
@@ -100,6 +103,7 @@ class PeftCVAEOutput(ModelOutput):
     latent_mean: torch.Tensor | None = None
     latent_log_variance: torch.Tensor | None = None
     generated: torch.Tensor | None = None
+    offset_reconstruction: torch.Tensor | None = None
 
 
 def _num_groups(channels: int) -> int:
@@ -636,5 +640,10 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         generated = None
         if return_generated:  # z = 0, the prior's mean: what generation writes at temperature 0
             generated = self._decode_normalized(torch.zeros_like(mean), condition, hidden_tasks)  # (B, N)
-        output = PeftCVAEOutput(loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance, generated)
+        offset_reconstruction = None
+        if self.functional_offset is not None:
+            offset_reconstruction = self.with_functional_offset(reconstruction)  # (B, N)
+        output = PeftCVAEOutput(
+            loss, reconstruction_loss, kl_loss, reconstruction, mean, log_variance, generated, offset_reconstruction
+        )
         return output if return_dict else output.to_tuple()

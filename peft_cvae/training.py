@@ -307,6 +307,9 @@ class _Loop:
             sampler=EpochShuffleSampler(len(dataset), args.seed),
             **_loader_options(args, accelerator),
         )
+        if getattr(generator, "functional_offset", None) is not None:
+            # only a functional loss trains it; without one it gets no gradient, which data-parallel training refuses
+            generator.functional_offset.requires_grad_(functional_loss is not None)
         optimizer = torch.optim.AdamW(
             _parameter_groups(generator, args, functional_loss), weight_decay=args.weight_decay
         )
@@ -369,9 +372,12 @@ class _Loop:
                 output = model(params, condition, noise=noise, hidden_tasks=hidden, return_generated=on_generated)
                 loss, functional = output.loss, torch.zeros((), device=accelerator.device)
                 if self.functional_loss is not None:  # the decoded LoRAs on the frozen base model
-                    scored = output.generated if on_generated else self.generator.with_functional_offset(
-                        output.reconstruction
-                    )  # fmt: skip
+                    if on_generated:  # what generation writes for the condition
+                        scored = output.generated
+                    elif output.offset_reconstruction is not None:  # the reconstruction, with the offset
+                        scored = output.offset_reconstruction
+                    else:
+                        scored = output.reconstruction
                     functional = self._functional(scored, task, epoch, batch_index, first)
                     loss = loss + self.functional_loss.weight * functional
                 accelerator.backward(loss)

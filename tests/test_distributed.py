@@ -63,6 +63,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(bank, tmp_pa
         torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_functional_offset_without_a_functional_loss_trains_in_two_processes(bank, tmp_path, fresh_accelerate_state):
+    """DDP refuses a parameter that gets no gradient; without a functional loss the offset is frozen for the run,
+    stays at zero, and the two ranks end equal."""
+    bank.save_pretrained(tmp_path / "bank")
+    subprocess.run(
+        [sys.executable, "-m", "tests.distributed_worker", str(tmp_path / "bank"), str(tmp_path), "offset"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        timeout=600,
+    )
+    weights = [read_safetensors(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert torch.equal(weights[0]["functional_offset"], torch.zeros_like(weights[0]["functional_offset"]))
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_same_seed_gives_bit_identical_weights_in_one_process(bank, fresh_accelerate_state):
     first, first_history = train(bank, batch_size=GLOBAL_BATCH)
     second, second_history = train(bank, batch_size=GLOBAL_BATCH)
