@@ -85,9 +85,8 @@ def _sequences(tokenizer, examples, input_prefix: str, output_prefix: str, max_l
                 raise ValueError(f"The answer {answer_text!r} of example {index} has no tokens; it cannot be scored.")
             kept_prompt = prompt
             if max_length is not None and len(prompt) + len(answer) > max_length:
-                answer = answer[
-                    : max_length - 1
-                ]  # at least one prompt token stays: it predicts the first answer token
+                # at least one prompt token stays: it predicts the first answer token
+                answer = answer[: max_length - 1]
                 kept_prompt = prompt[len(prompt) - (max_length - len(answer)) :]
             sequences.append(_Sequence(index, choice if choices else None, answer_text == target, kept_prompt, answer))
     return sequences
@@ -160,12 +159,12 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def _prompt_groups(sequences: list[_Sequence], indices: list[int], size: int) -> list[list[int]]:
-    """The sequences of `indices` in groups that share one prompt (the choices of an example, unless `max_length` cut
+def _prompt_groups(sequences: list[_Sequence], size: int) -> list[list[int]]:
+    """Indices of the sequences in groups that share one prompt (the choices of an example, unless `max_length` cut
     their prompts differently), at most `size` per group, longest prompts first."""
     groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
-    for index in indices:
-        groups.setdefault((sequences[index].example, tuple(sequences[index].prompt)), []).append(index)
+    for index, sequence in enumerate(sequences):
+        groups.setdefault((sequence.example, tuple(sequence.prompt)), []).append(index)
     chunks = [rows[start : start + size] for rows in groups.values() for start in range(0, len(rows), size)]
     return sorted(chunks, key=lambda rows: -len(sequences[rows[0]].prompt))
 
@@ -285,7 +284,7 @@ def evaluate_answers(
     )  # masked out anyway
 
     log_likelihoods = torch.zeros(len(sequences), dtype=torch.float64)
-    groups = _prompt_groups(sequences, list(range(len(sequences))), batch_size) if share_prompts else []
+    groups = _prompt_groups(sequences, batch_size) if share_prompts else []
     shared_batches = _pack([group for group in groups if len(group) > 1], batch_size)
     # An answer alone with its prompt (a generative example) has nothing to share: one full pass is cheaper.
     full = [group[0] for group in groups if len(group) == 1] if share_prompts else list(range(len(sequences)))
@@ -294,9 +293,9 @@ def evaluate_answers(
     bar = tqdm(total=len(sequences), desc=desc, unit="answer", leave=False, disable=not show_progress or None)
     try:
         with torch.no_grad():
-            for groups in shared_batches:
-                rows = [row for group in groups for row in group]
-                scores = _shared_prompt_log_likelihoods(model, sequences, groups, pad_token_id, autocast_dtype)
+            for batch in shared_batches:
+                rows = [row for group in batch for row in group]
+                scores = _shared_prompt_log_likelihoods(model, sequences, batch, pad_token_id, autocast_dtype)
                 if scores is None:  # this model returns no key/value cache: full passes for everything
                     full = list(range(len(sequences)))
                     break

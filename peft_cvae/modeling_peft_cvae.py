@@ -297,7 +297,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         if isinstance(module, TaskMemory):
             init.constant_(module.log_temperature, math.log(0.1))  # sharp enough to pick a task from the start
         if isinstance(module, PeftCVAEGenerator) and module.functional_offset is not None:
-            init.zeros_(module.functional_offset)  # e.g. from_pretrained(..., functional_offset=True) of an older one
+            init.zeros_(module.functional_offset)  # also when built on the meta device and initialised after
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
