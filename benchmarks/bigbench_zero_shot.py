@@ -180,7 +180,9 @@ def run(settings: Settings, cache: Path) -> dict:
         fraction = settings.multitask_step_fraction + 1.0
         matched = pipeline.multitask_lora(base, tokenizer, bank_tasks, settings, cache, step_fraction=fraction)
     functional_matched = None
-    if settings.functional_epochs:  # the functional-offset generator's control: its base-model passes, as steps
+    offset_trained = any(label in pipeline.FUNCTIONAL_OFFSET_VARIANTS for label in settings.functional_variants)
+    if settings.functional_epochs and offset_trained and settings.functional_budget_control:
+        # the functional-offset generator's control: its base-model passes, as steps
         checkpoints = sum(len(entry["bank"]) for entry in bank_loras.values())
         extra = pipeline.functional_budget_fraction(settings, checkpoints, len(bank_tasks))
         fraction = round(settings.multitask_step_fraction + extra, 6)
@@ -373,6 +375,7 @@ def main(argv=None) -> dict:
     json_path = args.output_dir / f"{prefix}.json"
     if args.report_only:
         results = read_json(json_path, what="saved benchmark results")
+        results["summary"] = report.summarize(results)  # a pure function of the scores: the report code's today
     else:
         results = run(settings, args.cache_dir)
         results["summary"] = report.summarize(results)

@@ -198,3 +198,42 @@ def test_split_runs_are_pooled_task_by_task():
     assert mean == pytest.approx((-1.0 - 0.5 + 0.5) / 3) and low <= mean <= high
     assert pooled["wins"][design] == {"multi-task LoRA": 2, "nearest description": 2}
     assert "All family splits together" in "\n".join(report.pooled_markdown(pooled))
+
+
+def test_issue_13_targets_are_checked_per_generated_design():
+    """A design that wins everywhere meets every target; one that only beats the controls on average, steers on
+    half the tasks and loses accuracy meets none of those."""
+    strong, weak = "generated (strong) from description", "generated (weak) from description"
+    heldout = {}
+    for index in range(10):
+        rows = {
+            "base": (9.0, 0.2),
+            "oracle": (1.0, 0.9),
+            "multi-task LoRA": (5.0, 0.5),
+            "nearest description": (6.0, 0.4),
+        }
+        rows[strong], rows[f"{strong}, shuffled"], rows[f"{strong}, random string"] = (
+            (2.0, 0.8),
+            (7.0, 0.3),
+            (8.0, 0.3),
+        )
+        rows[weak] = (4.0 if index < 5 else 5.5, 0.1)  # 4.75 on average: below 5.0, but loses half the tasks
+        rows[f"{weak}, shuffled"] = rows[f"{weak}, random string"] = (4.5, 0.1)
+        heldout[f"t{index}"] = {row: {"answer_nll": nll, "accuracy": acc} for row, (nll, acc) in rows.items()}
+    results = {
+        "settings": {"bootstrap_samples": 300},
+        "tasks": {task: {"family": f"f{index}"} for index, task in enumerate(heldout)},
+        "heldout": heldout,
+    }
+    targets = report.summarize(results)["targets"]
+    assert set(targets) == {strong, weak}  # shuffled / random-string rows are not designs
+    assert targets[strong]["beats_every_control"] and targets[strong]["recovers"] and targets[strong]["steers"]
+    assert targets[strong]["recovered"] == pytest.approx(7 / 8)
+    assert targets[strong]["accuracy_control"] == "multi-task LoRA"
+    assert targets[strong]["accuracy_difference"][0] == pytest.approx(0.3) and targets[strong]["accuracy_no_worse"]
+    assert not targets[weak]["beats_every_control"]  # below every control on average, but its interval spans 0
+    assert not targets[weak]["recovers"] and not targets[weak]["steers"] and not targets[weak]["accuracy_no_worse"]
+    assert targets[weak]["steer_shares"] == [0.5, 0.5]
+    assert "| generated (strong) from description | yes | 88% (yes)" in "\n".join(
+        report._targets_markdown(report.summarize(results))
+    )

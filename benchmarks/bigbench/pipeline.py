@@ -256,16 +256,19 @@ def train_functional_generators(
     generators: dict, banks: dict[str, LoraBank], tasks: list[BenchTask], base, tokenizer, settings: Settings,
     cache: Path, variants: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
-    """`{(kind, label): {...}}` like `train_generators`, for `variants` (`{label: variant}`; default:
-    `FUNCTIONAL_VARIANTS` and `FUNCTIONAL_OFFSET_VARIANTS`): each starts from `generators[kind, variant]` and trains
-    `functional_epochs` more epochs with the CVAE loss + `functional_weight` x the answer NLL of the decoded LoRA on
-    `functional_examples_per_task` of its task's training examples (held-out families never: `tasks` are the bank's).
+    """`{(kind, label): {...}}` like `train_generators`, for `variants` (`{label: variant}`; default: those of
+    `FUNCTIONAL_VARIANTS` and `FUNCTIONAL_OFFSET_VARIANTS` that `settings.functional_variants` names): each starts
+    from `generators[kind, variant]` and trains `functional_epochs` more epochs with the CVAE loss +
+    `functional_weight` x the answer NLL of the decoded LoRA on `functional_examples_per_task` of its task's training
+    examples (held-out families never: `tasks` are the bank's).
     Cached like the others. `functional_epochs` 0: none (the variant is skipped, and its rows in the report)."""
     trained = {}
     if settings.functional_epochs == 0:
         return trained
     functional = None  # built once, when a generator has to be trained: it copies the base model
-    variants = {**FUNCTIONAL_VARIANTS, **FUNCTIONAL_OFFSET_VARIANTS} if variants is None else variants
+    if variants is None:
+        every = {**FUNCTIONAL_VARIANTS, **FUNCTIONAL_OFFSET_VARIANTS}
+        variants = {label: every[label] for label in settings.functional_variants}
     for kind, bank in banks.items():
         for label, variant in variants.items():
             start = generators[kind, variant]

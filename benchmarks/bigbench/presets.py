@@ -65,6 +65,14 @@ class Settings:
     functional_lr: float = 3e-4
     functional_weight: float = 1.0
     functional_examples_per_task: int = 2
+    # which of pipeline.FUNCTIONAL_VARIANTS / FUNCTIONAL_OFFSET_VARIANTS to train (each label is in its own cache key)
+    functional_variants: tuple = (
+        "task memory + holdout 0.5 + functional",
+        "task memory + holdout 0.5 + functional offset",
+    )
+    # the multi-task LoRA given the functional offset's base-model passes on top of its own steps (the offset's
+    # compute-matched control); a whole multi-task LoRA more, hours on a CPU for the full preset
+    functional_budget_control: bool = True
     bootstrap_samples: int = 2000
     tiny: bool = False
 

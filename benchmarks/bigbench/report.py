@@ -112,7 +112,51 @@ def summarize(results: dict) -> dict:
             for other in against
         }
     summary["heldout_tasks"] = len(heldout)
+    summary["targets"] = _targets(summary, heldout, families, samples)
     return summary
+
+
+# Issue 13's targets for a generated design, on the held-out tasks of one split
+RECOVERED_TARGET = 0.6  # of the oracle's NLL gain, on average
+STEER_TARGET = 0.9  # share of held-out tasks where the own condition beats the shuffled one and the random string
+
+
+def _targets(summary: dict, heldout: dict, families: dict, samples: int) -> dict:
+    """Per generated design (own condition): is each of issue 13's targets met? `beats_every_control`: the average
+    NLL below every control's and the interval of the difference to the best one below 0; `recovers`: >= 60% of the
+    oracle's gain on average; `steers`: the own condition beats the shuffled one and the random string on >= 90% of
+    tasks; `accuracy`: average multiple-choice accuracy minus the most accurate control's (interval), met when >= 0."""
+    controls = [c for c in BASELINES if c in summary["controls"]]
+    accuracies = {c: summary["controls"][c]["accuracy"][0] for c in controls}
+    accuracies = {c: a for c, a in accuracies.items() if a is not None}
+    most_accurate = max(accuracies, key=accuracies.get) if accuracies else None
+    tasks = len(heldout)
+    targets = {}
+    for design, difference in summary["differences"].items():
+        if not design.startswith("generated") or ", " in design:
+            continue
+        mean = summary["controls"][design]["answer_nll"][0]
+        wins = summary["wins"][design]
+        steer = [wins.get(f"{design}, {source}") for source in ("shuffled", "random string")]
+        row = {
+            "beats_every_control": all(mean < summary["controls"][c]["answer_nll"][0] for c in controls)
+            and difference[2] < 0,
+            "recovered": summary["controls"][design]["recovered_of_average"],
+            "steer_shares": [None if count is None else count / tasks for count in steer],
+        }
+        row["recovers"] = row["recovered"] is not None and row["recovered"] >= RECOVERED_TARGET
+        row["steers"] = all(share is not None and share >= STEER_TARGET for share in row["steer_shares"])
+        if most_accurate is not None:
+            gap = {
+                t: s[design]["accuracy"] - s[most_accurate]["accuracy"]
+                for t, s in heldout.items()
+                if s[design]["accuracy"] is not None
+            }
+            row["accuracy_control"] = most_accurate
+            row["accuracy_difference"] = _bootstrap(gap, families, samples)
+            row["accuracy_no_worse"] = row["accuracy_difference"][0] is not None and row["accuracy_difference"][0] >= 0
+        targets[design] = row
+    return targets
 
 
 def pool_splits(runs: dict[int, dict]) -> dict | None:
@@ -358,6 +402,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
         wins = summary["wins"][control]
         counts = " / ".join(str(wins.get(c, "-")) for c in (*baselines, "base", "oracle"))
         lines.append(f"| {control} | {_interval(difference)} | {counts} (of {summary['heldout_tasks']}) |")
+    lines += _targets_markdown(summary)
     lines += [
         "",
         "### Does the condition steer? Own condition vs another held-out task's (shuffled) vs a random string",
@@ -447,6 +492,40 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
         lines += ["", "## Plots", ""] + [f"![{Path(link).stem}]({link})" for link in images]
     lines += ["", HOW_IT_WORKS]
     return "\n".join(lines) + "\n"
+
+
+def _targets_markdown(summary: dict) -> list[str]:
+    """Issue 13's targets, met or not, per generated design (`summarize`'s `targets`)."""
+    targets = summary.get("targets")
+    if not targets:
+        return []
+    lines = [
+        "",
+        "### Issue 13's targets, per generated design",
+        "",
+        f"Beats every control (average NLL below each, interval of the difference to {summary['best_control']} "
+        f"below 0); recovers >= {RECOVERED_TARGET:.0%} of the oracle's gain on average; the own condition beats the "
+        f"shuffled one and the random string on >= {STEER_TARGET:.0%} of held-out tasks; multiple-choice accuracy no "
+        "worse on average than the most accurate control (difference with its interval).",
+        "",
+        "| generated | beats every control | recovered | beats shuffled / random | MC accuracy difference | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for design in ordered(targets):
+        row = targets[design]
+        shares = " / ".join("-" if share is None else f"{share:.0%}" for share in row["steer_shares"])
+        accuracy = "-"
+        checks = [row["beats_every_control"], row["recovers"], row["steers"]]
+        if "accuracy_difference" in row:
+            checks.append(row["accuracy_no_worse"])
+            met = "yes" if row["accuracy_no_worse"] else "no"
+            accuracy = f"{_interval(row['accuracy_difference'])} vs {row['accuracy_control']} ({met})"
+        lines.append(
+            f"| {design} | {'yes' if row['beats_every_control'] else 'no'} | {_share(row['recovered'])} "
+            f"({'yes' if row['recovers'] else 'no'}) | {shares} ({'yes' if row['steers'] else 'no'}) | {accuracy} "
+            f"| {sum(checks)} of {len(checks)} |"
+        )
+    return lines
 
 
 HOW_IT_WORKS = """## How it works
