@@ -193,7 +193,22 @@ def pool_splits(runs: dict[int, dict]) -> dict | None:
                 for other in [*controls, f"{row}, shuffled", f"{row}, random string"]
                 if other in rows
             }
+    # each split's verdict on issue 13's targets ("another split seed gives the same verdict")
+    per_split_targets = {seed: summarize(results)["targets"] for seed, results in sorted(runs.items())}
+    pooled["targets_met"] = {
+        design: {seed: _met(targets[design]) for seed, targets in per_split_targets.items()}
+        for design in ordered(set.intersection(*(set(t) for t in per_split_targets.values())))
+    }
     return pooled
+
+
+def _met(target: dict) -> list[str]:
+    """The names of the issue 13 targets a design's `_targets` row meets."""
+    checks = {"beats every control": target["beats_every_control"], "recovers": target["recovers"]}
+    checks["steers"] = target["steers"]
+    if "accuracy_no_worse" in target:
+        checks["MC accuracy"] = target["accuracy_no_worse"]
+    return [name for name, met in checks.items() if met]
 
 
 def pooled_markdown(pooled: dict) -> list[str]:
@@ -224,6 +239,18 @@ def pooled_markdown(pooled: dict) -> list[str]:
     for row, difference in pooled["differences"].items():
         wins = "; ".join(f"{other.removeprefix(row + ', ')}: {n}" for other, n in pooled["wins"][row].items())
         lines.append(f"| {row} | {_interval(difference)} | {wins} |")
+    if pooled.get("targets_met"):
+        lines += [
+            "",
+            "Issue 13's targets met in each split (beats every control, recovers, steers, MC accuracy; defined in the "
+            "split's own report):",
+            "",
+            "| generated | " + " | ".join(f"split {seed}" for seed in seeds) + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
+        for design, by_seed in pooled["targets_met"].items():
+            cells = [", ".join(by_seed[seed]) or "none" for seed in seeds]
+            lines.append(f"| {design} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
