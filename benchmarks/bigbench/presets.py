@@ -100,10 +100,11 @@ PRESETS = {
         bf16=False,  # on this CPU float32 is faster; set True on a GPU
         multitask_step_fraction=0.25,  # a quarter of (bank tasks x steps): the whole budget is ~10 more CPU hours
         scored_test_examples=50,
-        # One epoch of the functional offset (~90 generator steps of 8 checkpoints x 2 examples). The functional loss
-        # without the offset is left out: on quick it moved nothing (held-out answer NLL 7.124 against 7.125 for the
-        # variant it continues, over 3 splits).
-        functional_epochs=1,
+        # Off on the CPU: one epoch of the functional offset is ~90 generator steps of 8 checkpoints x 2 examples of
+        # up to 256 tokens, about 30 min per generator on one core here (2 generators, then 144 more scores). Set 1
+        # where a GPU is lent. The functional loss without the offset is left out: on quick it moved nothing
+        # (held-out answer NLL 7.124 against 7.125 for the variant it continues, over 3 splits).
+        functional_epochs=0,
         functional_variants=("task memory + holdout 0.5 + functional offset",),
         # The offset's compute-matched multi-task LoRA would be 1,210 steps, ~2.5 CPU hours more: on when a GPU is
         # lent. The offset's passes add 0.044 x (bank tasks x steps) to the multi-task LoRA's 0.25.
