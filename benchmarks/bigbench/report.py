@@ -379,6 +379,15 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
         f"{preset.split('_split')[0]}`; numbers from `benchmarks/results/{prefix}.json`. Protocol: issue 12, "
         "[how it works](#how-it-works) below.",
         "",
+    ]
+    if preset.startswith("full"):
+        lines += [
+            "Issue 13's designs this preset does not train on a CPU (the functional offset, the shared-start bank) "
+            "are measured on the `quick` preset over several family splits: "
+            "`benchmarks/results/bigbench_zero_shot_quick.md` (`--preset quick`, then `--split-seed 1` and `2`).",
+            "",
+        ]
+    lines += [
         "## Data and split",
         "",
         f"- Source: {data['sdist'].get('requirement')} (sdist sha256 `{data['sdist'].get('sha256', '-')}`).",
