@@ -107,10 +107,7 @@ def summarize(results: dict) -> dict:
         summary["differences"][control] = _bootstrap(difference, families, samples)
         against = [c for c in controls if not c.startswith(DESIGNS)]
         against += [c for c in (f"{control}, shuffled", f"{control}, random string") if c in controls]
-        summary["wins"][control] = {
-            other: sum(s[control]["answer_nll"] < s[other]["answer_nll"] for s in heldout.values())
-            for other in against
-        }
+        summary["wins"][control] = _wins(heldout.values(), control, against)
     summary["heldout_tasks"] = len(heldout)
     summary["targets"] = _targets(summary, heldout, families, samples)
     return summary
@@ -159,6 +156,12 @@ def _targets(summary: dict, heldout: dict, families: dict, samples: int) -> dict
     return targets
 
 
+def _wins(tasks, row: str, against: list[str]) -> dict[str, int]:
+    """For each row of `against`: on how many tasks (each `{row: score}`) `row` has the lower answer NLL."""
+    tasks = list(tasks)
+    return {other: sum(s[row]["answer_nll"] < s[other]["answer_nll"] for s in tasks) for other in against}
+
+
 def pool_splits(runs: dict[int, dict]) -> dict | None:
     """The held-out tasks of several family splits (`{split seed: results}`) pooled: per row present in every split,
     its mean per split and over all tasks with a 95% family-bootstrap interval; the best control over the pool; each
@@ -188,11 +191,8 @@ def pool_splits(runs: dict[int, dict]) -> dict | None:
         if row.startswith(DESIGNS) and not row.endswith((", shuffled", ", random string")):
             difference = {key: s[row]["answer_nll"] - s[best]["answer_nll"] for key, s in scores.items()}
             pooled["differences"][row] = _bootstrap(difference, families, samples)
-            pooled["wins"][row] = {
-                other: sum(s[row]["answer_nll"] < s[other]["answer_nll"] for s in scores.values())
-                for other in [*controls, f"{row}, shuffled", f"{row}, random string"]
-                if other in rows
-            }
+            against = [other for other in (*controls, f"{row}, shuffled", f"{row}, random string") if other in rows]
+            pooled["wins"][row] = _wins(scores.values(), row, against)
     # each split's verdict on issue 13's targets ("another split seed gives the same verdict")
     per_split_targets = {seed: summarize(results)["targets"] for seed, results in sorted(runs.items())}
     pooled["targets_met"] = {
