@@ -5,10 +5,13 @@ multi-threaded kernel after its parent already did hangs in `gomp_team_barrier_w
 used several threads (the session's bank fixture), so the test runs this script with `OMP_NUM_THREADS=1` instead;
 the parent of the fork then never starts an OpenMP pool.
 
-Usage: python -m tests.distributed_worker BANK_DIR OUT_DIR [offset]
+Usage: python -m tests.distributed_worker BANK_DIR OUT_DIR [offset | functional BASE_DIR]
 
 `offset`: the generator has a functional offset (`PeftCVAEConfig.functional_offset`) and no functional loss trains
 it, a parameter without a gradient, which data-parallel training must be told about.
+`functional BASE_DIR`: a generator with task memory, memory holdout and a functional offset, trained with the
+functional loss on what generation writes (`FunctionalLoss(on_generated=True, offset_lr=...)`) over the base model
+saved in BASE_DIR and the tasks of tests/test_functional_loss.py.
 """
 
 import json
@@ -37,6 +40,40 @@ def train(bank, functional_offset: bool = False, **kwargs):
     return generator, history
 
 
+def train_functional(bank, base, tokenizer, **kwargs):
+    """The functional run both sides make: the bank's tasks scored on the frozen base model, the offset at its own
+    rate, each sample's examples and memory holdout drawn from its row in the global batch (not from the rank)."""
+    from peft_cvae.functional_loss import FunctionalLoss
+    from tests.test_functional_loss import GENERATOR, TASKS
+
+    torch.manual_seed(0)
+    generator = PeftCVAEGenerator.from_bank(bank, memory_holdout=0.5, functional_offset=True, **GENERATOR)
+    loss = FunctionalLoss(
+        base, tokenizer, TASKS, bank.layout, examples_per_task=2, max_length=24, on_generated=True, offset_lr=3e-2
+    )
+    history = train_generator(generator, bank, functional_loss=loss, epochs=4, lr=1e-2, show_progress=False, **kwargs)
+    return generator, history
+
+
+def functional_base(base_dir: Path):
+    """(base model, tokenizer) as tests/test_functional_loss.py builds them, the model's weights read back."""
+    from transformers import AutoModelForCausalLM
+
+    from peft_cvae.testing_utils import tiny_bpe_tokenizer
+    from tests.test_functional_loss import CORPUS
+
+    return AutoModelForCausalLM.from_pretrained(base_dir), tiny_bpe_tokenizer(CORPUS)
+
+
+def train_functional_on_each_rank(bank, out_dir: Path, base_dir: Path) -> None:
+    """Runs in every forked process: the functional run with half the global batch; this rank's weights and
+    history."""
+    generator, history = train_functional(bank, *functional_base(base_dir), batch_size=GLOBAL_BATCH // 2)
+    state = PartialState()
+    write_safetensors(generator.state_dict(), out_dir / f"rank{state.process_index}.safetensors")
+    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps({"history": history}))
+
+
 def train_on_each_rank(bank, out_dir: Path, functional_offset: bool = False) -> None:
     """Runs in every forked process: train with half the global batch, write this rank's weights and history.
 
@@ -54,5 +91,9 @@ def train_on_each_rank(bank, out_dir: Path, functional_offset: bool = False) -> 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     bank_dir, out_dir = (Path(argument) for argument in sys.argv[1:3])
-    offset = sys.argv[3:] == ["offset"]
-    debug_launcher(train_on_each_rank, args=(LoraBank.from_pretrained(bank_dir), out_dir, offset), num_processes=2)
+    bank = LoraBank.from_pretrained(bank_dir)
+    if sys.argv[3:4] == ["functional"]:
+        debug_launcher(train_functional_on_each_rank, args=(bank, out_dir, Path(sys.argv[4])), num_processes=2)
+    else:
+        offset = sys.argv[3:] == ["offset"]
+        debug_launcher(train_on_each_rank, args=(bank, out_dir, offset), num_processes=2)

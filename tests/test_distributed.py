@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from peft_cvae import LoraBank
 from peft_cvae.file_utils import read_safetensors
 from tests.distributed_worker import EPOCHS, GLOBAL_BATCH, train
 
@@ -78,6 +79,44 @@ def test_a_functional_offset_without_a_functional_loss_trains_in_two_processes(b
     assert torch.equal(weights[0]["functional_offset"], torch.zeros_like(weights[0]["functional_offset"]))
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_the_functional_loss_and_offset_train_in_two_processes_as_in_one(tmp_path, fresh_accelerate_state):
+    """The functional path (task memory with holdout, the offset at its own rate, the loss on what generation
+    writes) in two processes: the ranks stay equal, the offset moves, and the weights match one process trained on
+    the same global batch (each sample's examples and holdout come from its row in the global batch)."""
+    from tests.distributed_worker import functional_base, train_functional
+    from tests.test_functional_loss import build_setup
+
+    base, _, full = build_setup()
+    bank = LoraBank(full.layout)  # 8 of the 9 checkpoints: whole global batches of 4, no padding
+    for checkpoint in full.checkpoints[:8]:
+        bank.add_checkpoint(checkpoint.task, checkpoint.state_dict, step=checkpoint.step)
+    for task in bank.task_names:
+        bank.set_condition(task, full.condition(task))
+    bank.save_pretrained(tmp_path / "bank")
+    base.save_pretrained(tmp_path / "base")
+    subprocess.run(
+        [sys.executable, "-m", "tests.distributed_worker", str(tmp_path / "bank"), str(tmp_path), "functional",
+         str(tmp_path / "base")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    weights = [read_safetensors(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert weights[0]["functional_offset"].abs().max() > 1e-3
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    single, single_history = train_functional(bank, *functional_base(tmp_path / "base"), batch_size=GLOBAL_BATCH)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(weights[0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    history = json.loads((tmp_path / "rank0.json").read_text())["history"]
+    functional = [record["functional_loss"] for record in history]
+    assert functional == pytest.approx([record["functional_loss"] for record in single_history], rel=1e-4)
+    assert functional[-1] < functional[0]
 
 
 def test_same_seed_gives_bit_identical_weights_in_one_process(bank, fresh_accelerate_state):

@@ -44,6 +44,11 @@ TRAINING = {"epochs": 12, "lr": 1e-2, "batch_size": 4, "show_progress": False}
 @pytest.fixture(scope="module")
 def setup():
     """(base model, tokenizer, bank): a few real LoRA checkpoints per task, trained by `collect` (answer-only loss)."""
+    return build_setup()
+
+
+def build_setup():
+    """The `setup` fixture's (base model, tokenizer, bank), for tests elsewhere (tests/test_distributed.py)."""
     tokenizer = tiny_bpe_tokenizer(CORPUS)
     base = tiny_llama_for(tokenizer, initializer_range=0.3)
     bank = None
