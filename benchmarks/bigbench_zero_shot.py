@@ -26,7 +26,8 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
    task's description (shuffled) and from a random string; with the shared-start bank, its mean, nearest description,
    top-k mix and generator, and its budget-matched multi-task LoRA. A few bank tasks are scored too (memorisation).
 5. Report. Averages with bootstrap 95% intervals (resampling families), the share of the oracle's gain recovered,
-   win counts, plots; JSON under benchmarks/results/, the page docs/benchmarks_bigbench.md.
+   win counts, plots; JSON under benchmarks/results/, the pages docs/benchmarks_bigbench.md (full) and
+   docs/benchmarks_bigbench_quick.md (quick).
 
 Every expensive step is cached under --cache-dir (default benchmarks/cache/) and skipped on a rerun.
 """
@@ -56,7 +57,8 @@ from peft_cvae.file_utils import atomic_directory, read_json  # noqa: E402
 from peft_cvae.task_encoding import HiddenStateTaskEncoder, TextTaskEncoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-REPORT_PAGE = "benchmarks_bigbench.md"  # the docs page: the full preset's report, or the quick one until it exists
+# the docs page of each preset's default split (the run of record); other splits and presets write next to their JSON
+REPORT_PAGES = {"full": "benchmarks_bigbench.md", "quick": "benchmarks_bigbench_quick.md"}
 
 
 # ---- models: the one place that names the real assets (benchmarks/assets.py) ---------------------------------------
@@ -381,13 +383,10 @@ def main(argv=None) -> dict:
         results["summary"] = report.summarize(results)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         pipeline.save_json(results, json_path)
-    full_exists = (args.output_dir / "bigbench_zero_shot_full.json").is_file()
-    page = ROOT.parent / "docs" / REPORT_PAGE
-    # docs/ shows the default split's run of record (full, or quick until full exists); other split seeds write their
-    # report next to their JSON
-    to_docs = not args.split_seed and (args.preset == "full" or (args.preset == "quick" and not full_exists))
+    to_docs = not args.split_seed and args.preset in REPORT_PAGES
     to_docs = to_docs and args.output_dir.resolve() == (ROOT / "results").resolve()
     images = report.plots(results, args.output_dir, prefix)
+    page = ROOT.parent / "docs" / REPORT_PAGES.get(args.preset, "")
     destination = page if to_docs else args.output_dir / f"{prefix}.md"
     links = [image.name for image in images]
     if to_docs:

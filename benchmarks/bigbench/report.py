@@ -383,8 +383,8 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     if preset.startswith("full"):
         lines += [
             "Issue 13's designs this preset does not train on a CPU (the functional offset, the shared-start bank) "
-            "are measured on the `quick` preset over several family splits: "
-            "`benchmarks/results/bigbench_zero_shot_quick.md` (`--preset quick`, then `--split-seed 1` and `2`).",
+            "are measured on the `quick` preset over several family splits: [its report](benchmarks_bigbench_quick.md)"
+            " (`--preset quick`, then `--split-seed 1` and `2`).",
             "",
         ]
     lines += [
