@@ -100,6 +100,7 @@ PRESETS = {
         bf16=False,  # on this CPU float32 is faster; set True on a GPU
         multitask_step_fraction=0.25,  # a quarter of (bank tasks x steps): the whole budget is ~10 more CPU hours
         scored_test_examples=50,
+        seen_tasks=4,  # 11 scores each (~2 CPU min): the memorisation table stays small on a CPU
         # Off on the CPU: one epoch of the functional offset is ~90 generator steps of 8 checkpoints x 2 examples of
         # up to 256 tokens, about 30 min per generator on one core here (2 generators, then 144 more scores). Set 1
         # where a GPU is lent. The functional loss without the offset is left out: on quick it moved nothing
