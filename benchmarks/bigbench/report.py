@@ -516,7 +516,13 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
         "",
         f"- LoRAs: {len(lora_seconds)} task LoRAs, {sum(lora_seconds) / 60:.1f} min in all (median "
         f"{lora_seconds[len(lora_seconds) // 2]:.0f} s per task); multi-task LoRA "
-        f"{results['loras']['multitask']['train_seconds'] / 60:.1f} min.",
+        f"{results['loras']['multitask']['train_seconds'] / 60:.1f} min"
+        + (
+            f" (steps {results['loras']['multitask']['resumed_from']}-{results['loras']['multitask']['steps']} only: "
+            "it resumed from an interrupted run)."
+            if results["loras"]["multitask"].get("resumed_from")
+            else "."
+        ),
         f"- Generators: {len(results['generators'])} trained in {generator_seconds / 60:.1f} min.",
         f"- Scoring: {len(score_seconds)} (task, control) scores in {sum(score_seconds) / 60:.1f} min.",
         f"- This invocation: {timings['total'] / 60:.1f} min wall ({timings['scores_computed']} scores computed; "
