@@ -386,11 +386,10 @@ def main(argv=None) -> dict:
     to_docs = not args.split_seed and args.preset in REPORT_PAGES
     to_docs = to_docs and args.output_dir.resolve() == (ROOT / "results").resolve()
     images = report.plots(results, args.output_dir, prefix)
-    page = ROOT.parent / "docs" / REPORT_PAGES.get(args.preset, "")
-    destination = page if to_docs else args.output_dir / f"{prefix}.md"
+    destination = ROOT.parent / "docs" / REPORT_PAGES[args.preset] if to_docs else args.output_dir / f"{prefix}.md"
     links = [image.name for image in images]
     if to_docs:
-        with atomic_directory(page.parent / "images") as staging:
+        with atomic_directory(destination.parent / "images") as staging:
             for image in images:
                 (staging / image.name).write_bytes(image.read_bytes())
         links = [f"images/{image.name}" for image in images]
@@ -399,6 +398,7 @@ def main(argv=None) -> dict:
         runs = {results["settings"]["split_seed"]: results}
         for path in sorted(args.output_dir.glob(f"bigbench_zero_shot_{args.preset}_split*.json")):
             other = read_json(path, what="saved benchmark results")
+            other["summary"] = report.summarize(other)  # as --report-only: the report code's today
             runs[other["settings"]["split_seed"]] = other
         pooled = report.pool_splits(runs)
     markdown = report.markdown(results, links, prefix, pooled)

@@ -69,9 +69,15 @@ def train_functional_on_each_rank(bank, out_dir: Path, base_dir: Path) -> None:
     """Runs in every forked process: the functional run with half the global batch; this rank's weights and
     history."""
     generator, history = train_functional(bank, *functional_base(base_dir), batch_size=GLOBAL_BATCH // 2)
+    write_rank(generator, history, out_dir)
+
+
+def write_rank(generator, history: list[dict], out_dir: Path) -> None:
+    """This rank's weights (OUT_DIR/rankR.safetensors) and its process count, backend and history (rankR.json)."""
     state = PartialState()
     write_safetensors(generator.state_dict(), out_dir / f"rank{state.process_index}.safetensors")
-    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps({"history": history}))
+    info = {"num_processes": state.num_processes, "backend": state.backend, "history": history}
+    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(info))
 
 
 def train_on_each_rank(bank, out_dir: Path, functional_offset: bool = False) -> None:
@@ -82,10 +88,7 @@ def train_on_each_rank(bank, out_dir: Path, functional_offset: bool = False) -> 
     generator, history = train(
         bank, functional_offset, batch_size=GLOBAL_BATCH // 2, output_dir=out_dir / "run", checkpoint_every=4
     )
-    state = PartialState()
-    write_safetensors(generator.state_dict(), out_dir / f"rank{state.process_index}.safetensors")
-    info = {"num_processes": state.num_processes, "backend": state.backend, "history": history}
-    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(info))
+    write_rank(generator, history, out_dir)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def test_split_runs_are_pooled_task_by_task():
     over the pool, and a design's difference and wins are counted task by task."""
 
     def run(seed: int, tasks: dict[str, tuple[str, dict]]) -> dict:
-        return {
+        results = {
             "settings": {"split_seed": seed, "bootstrap_samples": 200},
             "tasks": {task: {"family": family} for task, (family, _) in tasks.items()},
             "heldout": {
@@ -181,6 +181,7 @@ def test_split_runs_are_pooled_task_by_task():
                 for task, (_, rows) in tasks.items()
             },
         }
+        return {**results, "summary": report.summarize(results)}  # as main() hands runs to pool_splits
 
     design = "generated (x) from description"
     first = run(0, {
