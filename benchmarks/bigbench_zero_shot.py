@@ -22,9 +22,10 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
    decoded LoRA's answer NLL on its task's training examples, `FunctionalLoss`).
 4. Scores. On each held-out task's test examples: answer NLL per token and multiple-choice accuracy of the base model,
    the oracle, the multi-task LoRA, the mean of the bank LoRAs, nearest-description retrieval, the top-k
-   description-similarity mix, and the generators from the description, from 8 examples, from another held-out
-   task's description (shuffled) and from a random string; with the shared-start bank, its mean, nearest description,
-   top-k mix and generator, and its budget-matched multi-task LoRA. A few bank tasks are scored too (memorisation).
+   description-similarity mix, the same two retrieval rules by in-context vectors, and the generators from the
+   description, from 8 examples, from another held-out task's description (shuffled) and from a random string;
+   with the shared-start bank, its mean, nearest description, top-k mix and generator, and its budget-matched
+   multi-task LoRA. A few bank tasks are scored too (memorisation).
 5. Report. Averages with bootstrap 95% intervals (resampling families), the share of the oracle's gain recovered,
    win counts, plots; JSON under benchmarks/results/, the pages docs/benchmarks_bigbench.md (full) and
    docs/benchmarks_bigbench_quick.md (quick).
@@ -142,6 +143,7 @@ def shuffled_partners(heldout: list[BenchTask]) -> dict[str, str]:
 
 # ---- the run -------------------------------------------------------------------------------------------------------
 CONTROLS = ("base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix")
+CONTROLS += ("nearest by examples", "top-k mix by examples")
 
 
 def generated_label(variant: str, kind: str, source: str = "") -> str:
@@ -219,6 +221,7 @@ def run(settings: Settings, cache: Path) -> dict:
     lora_key = settings.key(pipeline.LORA_FIELDS)
     bank_means = torch.stack([pipeline.mean_vector(bank_loras[name]["bank"]) for name in names])  # (T, N)
     description_keys = torch.stack([vectors["description"][name] for name in names])  # (T, 384)
+    example_keys = torch.stack([vectors["examples"][name] for name in names])  # (T, H)
     mean_lora = bank_means.mean(dim=0)
     if shared_loras is not None:
         shared_means = torch.stack([pipeline.mean_vector(shared_loras[name]["bank"]) for name in names])  # (T, N)
@@ -233,7 +236,16 @@ def run(settings: Settings, cache: Path) -> dict:
         nearest, mix, weights = pipeline.similarity_mix(
             vectors["description"][task.name], description_keys, bank_means, settings.top_k, settings.top_k_temperature
         )
-        retrieval[task.name] = {"nearest": names[nearest], "top_k": {names[i]: w for i, w in weights.items()}}
+        # the same two rules on the in-context vectors (Eq. 1): what the generators from examples must beat
+        by_examples, examples_mix, examples_weights = pipeline.similarity_mix(
+            vectors["examples"][task.name], example_keys, bank_means, settings.top_k, settings.top_k_temperature
+        )
+        retrieval[task.name] = {
+            "nearest": names[nearest],
+            "top_k": {names[i]: w for i, w in weights.items()},
+            "nearest_by_examples": names[by_examples],
+            "top_k_by_examples": {names[i]: w for i, w in examples_weights.items()},
+        }
         candidates = {
             "base": ("base", None),
             "oracle": (lora_key, pipeline.final_vector(oracle_loras[task.name]["bank"])),
@@ -244,6 +256,11 @@ def run(settings: Settings, cache: Path) -> dict:
             "mean of bank LoRAs": (bank_id, mean_lora),
             "nearest description": (settings.key((), bank_id, names[nearest]), bank_means[nearest]),
             "top-k mix": (settings.key((), bank_id, settings.top_k, settings.top_k_temperature, weights), mix),
+            "nearest by examples": (settings.key((), bank_id, names[by_examples]), bank_means[by_examples]),
+            "top-k mix by examples": (
+                settings.key((), bank_id, settings.top_k, settings.top_k_temperature, examples_weights),
+                examples_mix,
+            ),
         }
         if functional_matched is not None:
             candidates[report.FUNCTIONAL_MULTITASK] = (

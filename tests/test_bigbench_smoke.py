@@ -40,7 +40,7 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     assert heldout and all(families[name] in split["heldout_families"] for name in heldout)
     assert "foreign.words" not in saved["tasks"] and "short.few" not in saved["tasks"]  # the rules refused them
 
-    expected = {"base", "oracle", "multi-task LoRA", "mean of bank LoRAs", "nearest description", "top-k mix"}
+    expected = set(benchmark.CONTROLS)  # retrieval by description and by in-context vectors included
     expected |= {*report.SHARED_START, report.MATCHED_MULTITASK, report.FUNCTIONAL_MULTITASK}
     for variant in report.VARIANT_ORDER:
         for kind in ("description", "examples"):
@@ -50,7 +50,13 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
         assert set(scores) == expected
         assert all(math.isfinite(score["answer_nll"]) and score["answer_nll"] > 0 for score in scores.values())
         assert scores["oracle"]["answer_nll"] < scores["base"]["answer_nll"]  # the task's own LoRA learned
-        assert saved["retrieval"][task]["nearest"] not in heldout  # retrieval only ever returns bank tasks
+        picks = saved["retrieval"][task]
+        # retrieval, by description or by examples, only ever returns bank tasks
+        assert picks["nearest"] not in heldout and picks["nearest_by_examples"] not in heldout
+        assert not set(picks["top_k_by_examples"]) & heldout
+        assert sum(picks["top_k_by_examples"].values()) == pytest.approx(1.0)
+        if picks["nearest_by_examples"] == picks["nearest"]:  # one bank task's mean: the same scores
+            assert scores["nearest by examples"]["example_nll"] == scores["nearest description"]["example_nll"]
     summary = saved["summary"]
     assert summary["best_control"] in report.BASELINES
     assert summary["controls"]["oracle"]["recovered_of_average"] == pytest.approx(1.0)

@@ -4,8 +4,9 @@
   variants), so the bootstrap resamples FAMILIES (a cluster bootstrap), and with them all their tasks.
 - The share of the oracle's gain recovered: `(base - x) / (base - oracle)` in answer NLL, as the ratio of the
   averages (stable when one task's oracle gains little) and as the median over tasks.
-- The difference of each generator to the best control (the control among multi-task, mean, nearest description and
-  top-k mix with the lowest average NLL), with its interval: an interval below 0 means the generator wins.
+- The difference of each generator to the best control (the control among multi-task, mean, and nearest / top-k
+  retrieval by description or by examples with the lowest average NLL), with its interval: an interval below 0 means
+  the generator wins.
 - Win counts: on how many held-out tasks a generated LoRA has a lower answer NLL than each control.
 """
 
@@ -21,7 +22,7 @@ MATCHED_MULTITASK = "multi-task LoRA, shared-start budget"
 # A multi-task LoRA given, on top of its own steps, the base-model passes the functional-offset generator trained with
 FUNCTIONAL_MULTITASK = "multi-task LoRA, functional-offset budget"
 BASELINES = ("multi-task LoRA", MATCHED_MULTITASK, FUNCTIONAL_MULTITASK, "mean of bank LoRAs", "nearest description")
-BASELINES += ("top-k mix",)
+BASELINES += ("top-k mix", "nearest by examples", "top-k mix by examples")
 # Designs, not controls: the shared-start bank's LoRAs cost another (bank tasks x steps) on top of the multi-task LoRA.
 SHARED_START = ("shared start: mean", "shared start: nearest description", "shared start: top-k mix")
 FIRST = ("base", "oracle", "own LoRA (final)", "own checkpoint mean", *BASELINES, *SHARED_START)
@@ -475,9 +476,10 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
             accuracy = "" if score["accuracy"] is None else f" ({score['accuracy']:.2f})"
             cells.append(f"{score['answer_nll']:.2f}{accuracy}")
         lines.append(f"| {task} | {results['tasks'][task]['family']} | " + " | ".join(cells) + " |")
-    lines += ["", "Retrieval picks (nearest bank task by description):", ""]
+    lines += ["", "Retrieval picks (nearest bank task by description; by examples, where run):", ""]
     for task, picked in sorted(results["retrieval"].items()):
-        lines.append(f"- {task} -> {picked['nearest']}")
+        by_examples = f"; by examples -> {picked['nearest_by_examples']}" if "nearest_by_examples" in picked else ""
+        lines.append(f"- {task} -> {picked['nearest']}{by_examples}")
     if pooled is not None:
         lines += [""] + pooled_markdown(pooled)
     seen = results["seen"]
@@ -586,7 +588,9 @@ HOW_IT_WORKS = """## How it works
   checkpoint mean (what the bank stores about a task).
 - **Controls**: base model; oracle (ceiling); multi-task LoRA (one LoRA on all bank tasks' examples); the mean of the
   bank LoRAs; nearest-description retrieval (cosine of MiniLM description vectors); the top-k mix (softmax of
-  cosine / temperature over the k nearest, fixed k and temperature); the generators from the task's description,
+  cosine / temperature over the k nearest, fixed k and temperature); the same two rules on the in-context vectors
+  (`nearest by examples`, `top-k mix by examples`: the retrieval a generator from examples must beat); the
+  generators from the task's description,
   from 8 of its training examples (Eq. 1: SmolLM2's last hidden state at the last token, averaged), from another
   held-out task's description or examples (shuffled) and from a random string.
 - **Designs beyond today's generator** (issue 13), where the preset has them: the leave-one-task-out generator
