@@ -107,6 +107,32 @@ def test_gradients_reach_the_decoder_and_not_the_base_model(setup):
     assert all(parameter.grad is None for parameter in loss.model.parameters())
 
 
+def test_one_sample_at_a_time_gives_the_value_and_gradient_of_the_whole_batch(setup):
+    """The call frees each sample's base-model graph before the next one's pass; value and gradient must be those of
+    the batch's mean NLL held in one graph."""
+    _, _, bank = setup
+    loss = functional(setup)
+    vectors = torch.stack([bank.vector(index) for index in range(4)])  # (4, N)
+    tasks = [bank.checkpoints[index].task for index in range(4)]
+    scale = torch.tensor([1.5, 0.5, 2.0, 1.0])[:, None]
+
+    held_one_at_a_time = vectors.clone().requires_grad_(True)
+    value = loss(held_one_at_a_time * scale, tasks, step=3, first_row=2)
+    value.backward()
+
+    held_together = vectors.clone().requires_grad_(True)
+    scaled = held_together * scale
+    draws = [loss._draw(task, 3, 2 + row) for row, task in enumerate(tasks)]
+    expected = torch.stack([loss.task_nll(vector, items) for vector, items in zip(scaled, draws)]).mean()
+    expected.backward()
+
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(held_one_at_a_time.grad, held_together.grad)
+    assert held_together.grad.abs().sum() > 0
+    with torch.no_grad():  # no gradient wanted: the plain forward, the same value
+        torch.testing.assert_close(loss(vectors * scale, tasks, step=3, first_row=2), expected.detach())
+
+
 def generated_nll(generator, bank, loss) -> float:
     """The mean answer NLL, over the tasks, of the adapter generated for each task (z = 0) on all its examples."""
     values = []
