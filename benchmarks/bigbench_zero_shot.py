@@ -18,8 +18,9 @@ What it does (the protocol is in docs/benchmarks_bigbench.md):
    multi-task LoRA (`collect --start-adapter`), and a multi-task LoRA of the same total budget as its control.
 3. Generators. `PeftCVAEGenerator.from_bank(bank)` plain (`task_memory=False`), with task memory, and with task
    memory hiding each sample's own task half the time (`memory_holdout=0.5`), each on description conditions (MiniLM)
-   and on in-context conditions (Eq. 1 over 8 examples); and the last one trained on with the functional loss (the
-   decoded LoRA's answer NLL on its task's training examples, `FunctionalLoss`).
+   and on in-context conditions (Eq. 1 over 8 examples), and where the preset asks on both together; and the last
+   one trained on with the functional loss (the decoded LoRA's answer NLL on its task's training examples,
+   `FunctionalLoss`).
 4. Scores. On each held-out task's test examples: answer NLL per token and multiple-choice accuracy of the base model,
    the oracle, the multi-task LoRA, the mean of the bank LoRAs, nearest-description retrieval, the top-k
    description-similarity mix, the same two retrieval rules by in-context vectors, and the generators from the
@@ -147,8 +148,7 @@ CONTROLS += ("nearest by examples", "top-k mix by examples")
 
 
 def generated_label(variant: str, kind: str, source: str = "") -> str:
-    what = "description" if kind == "description" else "examples"
-    return f"generated ({variant}) from {what}" + (f", {source}" if source else "")
+    return f"generated ({variant}) from {kind}" + (f", {source}" if source else "")
 
 
 def run(settings: Settings, cache: Path) -> dict:
@@ -205,6 +205,12 @@ def run(settings: Settings, cache: Path) -> dict:
         for kind in pipeline.CONDITION_KINDS
     }
     generators = pipeline.train_generators(banks, settings, cache)
+    if settings.combined_condition_variants:  # the description and the examples together
+        kind = pipeline.COMBINED_KIND
+        vectors[kind] = pipeline.combined_conditions(vectors, [task.name for task in bank_tasks])
+        combined = pipeline.condition_bank(bank_loras, vectors[kind], None, descriptions)  # no encoder rebuilds it
+        variants = {label: pipeline.GENERATOR_VARIANTS[label] for label in settings.combined_condition_variants}
+        generators.update(pipeline.train_generators({kind: combined}, settings, cache, variants))
     generators.update(
         pipeline.train_functional_generators(generators, banks, bank_tasks, base, tokenizer, settings, cache)
     )

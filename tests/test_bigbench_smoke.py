@@ -11,9 +11,11 @@ import random
 from dataclasses import replace
 
 import pytest
+import torch
 
 from benchmarks import bigbench_zero_shot as benchmark
 from benchmarks.bigbench import report
+from benchmarks.bigbench.pipeline import CONDITION_KINDS, combined_conditions
 from benchmarks.bigbench.selection import (
     SelectionRules,
     candidate_tasks,
@@ -42,10 +44,10 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
 
     expected = set(benchmark.CONTROLS)  # retrieval by description and by in-context vectors included
     expected |= {*report.SHARED_START, report.MATCHED_MULTITASK, report.FUNCTIONAL_MULTITASK}
-    for variant in report.VARIANT_ORDER:
-        for kind in ("description", "examples"):
-            label = f"generated ({variant}) from {kind}"
-            expected |= {label, f"{label}, shuffled", f"{label}, random string"}
+    labels = [f"generated ({variant}) from {kind}" for variant in report.VARIANT_ORDER for kind in CONDITION_KINDS]
+    labels.append("generated (task memory) from description + examples")  # the tiny preset's combined condition
+    for label in labels:
+        expected |= {label, f"{label}, shuffled", f"{label}, random string"}
     for task, scores in saved["heldout"].items():
         assert set(scores) == expected
         assert all(math.isfinite(score["answer_nll"]) and score["answer_nll"] > 0 for score in scores.values())
@@ -251,3 +253,27 @@ def test_issue_13_targets_are_checked_per_generated_design():
     assert "| generated (strong) from description | yes | 88% (yes)" in "\n".join(
         report._targets_markdown(report.summarize(results))
     )
+
+
+def test_the_combined_condition_weighs_description_and_examples_alike():
+    """Centred and normalised per part: the cosine of two combined vectors is the mean of the parts' cosines, though
+    the raw in-context vectors share one large direction."""
+    torch.manual_seed(0)
+    shared = torch.full((6,), 50.0)  # what every raw in-context vector has in common
+    names = ["a", "b", "c", "d"]
+    vectors = {
+        "description": {name: torch.randn(3) for name in [*names, "new"]},
+        "examples": {name: shared + torch.randn(6) for name in [*names, "new"]},
+    }
+    combined = combined_conditions(vectors, names)
+    assert set(combined) == {*names, "new"} and combined["a"].shape == (9,)
+
+    def centred_cosine(kind, x, y):
+        center = torch.stack([vectors[kind][name] for name in names]).mean(dim=0)
+        return torch.nn.functional.cosine_similarity(vectors[kind][x] - center, vectors[kind][y] - center, dim=0)
+
+    got = torch.nn.functional.cosine_similarity(combined["new"], combined["b"], dim=0)
+    expected = (centred_cosine("description", "new", "b") + centred_cosine("examples", "new", "b")) / 2
+    torch.testing.assert_close(got, expected)
+    raw = torch.nn.functional.cosine_similarity(vectors["examples"]["new"], vectors["examples"]["b"], dim=0)
+    assert raw > 0.99 and abs(centred_cosine("examples", "new", "b")) < 0.99  # centring is what lets examples count

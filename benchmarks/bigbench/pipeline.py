@@ -49,6 +49,8 @@ GENERATOR_VARIANTS = {
     "task memory + holdout 0.5": {"task_memory": True, "memory_holdout": 0.5},
 }
 CONDITION_KINDS = ("description", "examples")
+# Both together (issue 13's "richer conditions"), built from the two by `combined_conditions`
+COMBINED_KIND = "description + examples"
 # On the shared-start bank (`task_loras(..., start=multitask_start(...))`), labelled apart: the label is in the key.
 SHARED_START_VARIANTS = {"shared start + task memory": {"task_memory": True}}
 # The functional lever (issue 13, Text-to-LoRA's SFT mode): a variant's trained generator, trained on for
@@ -208,6 +210,18 @@ def conditions(text_encoder, hidden_encoder, tasks: list[BenchTask], extra_texts
             stored["examples"][label] = hidden_encoder.encode([text]).tolist()
         save_json(stored, path)
     return {kind: {name: torch.tensor(vector) for name, vector in stored[kind].items()} for kind in CONDITION_KINDS}
+
+
+def combined_conditions(vectors: dict, bank_names: list[str]) -> dict[str, torch.Tensor]:
+    """`{name: (384 + H,)}`: each name's description and in-context vectors, each centred on the bank tasks' mean and
+    scaled to unit norm, concatenated. The cosine of two such vectors is the mean of the two parts' centred cosines,
+    so both parts steer a task memory equally: raw in-context vectors share one large direction (their cosines are
+    all close to 1) and would otherwise count for less than the description."""
+    parts = []
+    for kind in CONDITION_KINDS:
+        center = torch.stack([vectors[kind][name] for name in bank_names]).mean(dim=0)  # (D,)
+        parts.append({name: torch.nn.functional.normalize(v - center, dim=0) for name, v in vectors[kind].items()})
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0] if name in parts[1]}
 
 
 # ---- generators ----------------------------------------------------------------------------------------------------

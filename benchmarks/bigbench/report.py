@@ -590,9 +590,11 @@ HOW_IT_WORKS = """## How it works
   bank LoRAs; nearest-description retrieval (cosine of MiniLM description vectors); the top-k mix (softmax of
   cosine / temperature over the k nearest, fixed k and temperature); the same two rules on the in-context vectors
   (`nearest by examples`, `top-k mix by examples`: the retrieval a generator from examples must beat); the
-  generators from the task's description,
-  from 8 of its training examples (Eq. 1: SmolLM2's last hidden state at the last token, averaged), from another
-  held-out task's description or examples (shuffled) and from a random string.
+  generators from the task's description, from 8 of its training examples (Eq. 1: SmolLM2's last hidden state at
+  the last token, averaged), from another held-out task's description or examples (shuffled) and from a random
+  string; where the preset asks (`combined_condition_variants`), the task-memory generator on the description and
+  the examples together (`from description + examples`: each part centred on the bank tasks' mean and normalised,
+  then concatenated).
 - **Designs beyond today's generator** (issue 13), where the preset has them: the leave-one-task-out generator
   trained on with the functional loss (`... + functional`: the decoded LoRA's answer NLL on its task's training
   examples joins the loss); the same with a functional offset (`... + functional offset`: a LoRA-sized vector added
