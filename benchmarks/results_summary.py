@@ -104,8 +104,8 @@ def bigbench_summary(results: dict, preset: str) -> str:
             shuffled, random_string = wins.get(f"{name}, shuffled"), wins.get(f"{name}, random string")
             if shuffled is not None and random_string is not None:
                 steering.append(
-                    f"{name}: beats the shuffled description on {shuffled}/{summary['heldout_tasks']} tasks and the "
-                    f"random string on {random_string}/{summary['heldout_tasks']}"
+                    f"{name}: beats another held-out task's condition on {shuffled}/{summary['heldout_tasks']} tasks "
+                    f"and a random string on {random_string}/{summary['heldout_tasks']}"
                 )
     header = (
         f"**BIG-bench, held-out task families** (`python benchmarks/bigbench_zero_shot.py --preset {preset}`: "
@@ -116,7 +116,7 @@ def bigbench_summary(results: dict, preset: str) -> str:
     )
     parts = [header, markdown_table(["control", "answer NLL", "gain recovered", "accuracy"], rows)]
     if steering:
-        parts.append("Does the description steer? " + "; ".join(steering) + ".")
+        parts.append("Does the condition steer? " + "; ".join(steering) + ".")
     return "\n\n".join(parts)
 
 

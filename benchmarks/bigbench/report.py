@@ -384,9 +384,9 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     ]
     if preset.startswith("full"):
         lines += [
-            "Issue 13's designs this preset does not train on a CPU (the functional offset, the shared-start bank) "
-            "are measured on the `quick` preset over several family splits: [its report](benchmarks_bigbench_quick.md)"
-            " (`--preset quick`, then `--split-seed 1` and `2`).",
+            "Issue 13's designs this preset leaves out on a CPU (the shared-start bank, the functional loss without "
+            "the offset) are measured on the `quick` preset over several family splits: [its "
+            "report](benchmarks_bigbench_quick.md) (`--preset quick`, then `--split-seed 1` and `2`).",
             "",
         ]
     lines += [
