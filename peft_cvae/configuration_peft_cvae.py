@@ -83,6 +83,12 @@ class PeftCVAEConfig(PretrainedConfig):
             learns almost nothing, so an unseen task gets a plain similarity mix. When > 0 the decoder also gets the
             memory's best cosine similarity (after masking) as an input, so it can tell "my task is in the memory"
             (similarity 1: return the stored mean) from "only neighbours are" (decode a correction).
+        memory_centered (`bool`, defaults to `False`):
+            Task memory only: compare a condition with the training tasks' conditions by cosine similarity after
+            subtracting the tasks' mean condition from both (`peft_cvae.condition_similarity`). In-context task
+            vectors (a base model's hidden states) share one large direction, so their raw cosines all sit near 1 and
+            the memory's softmax spreads an unseen task over dozens of tasks; centred, it picks the nearest few. False
+            (the default, and every generator saved before the field existed): raw cosines.
         functional_offset (`bool`, defaults to `False`):
             Keep a learned LoRA-sized vector (raw LoRA units, starting at zero) that is added to every adapter the
             generator writes but not to the reconstruction the CVAE loss compares with a checkpoint, so only a
@@ -113,6 +119,7 @@ class PeftCVAEConfig(PretrainedConfig):
     canonical_form: str | None = None
     task_memory_dtype: str = "float32"
     memory_holdout: float = 0.0
+    memory_centered: bool = False
     functional_offset: bool = False
 
     def __post_init__(self, **kwargs):
@@ -180,7 +187,7 @@ class PeftCVAEConfig(PretrainedConfig):
             raise InvalidConfigError(
                 f"PeftCVAEConfig.kernel_size must be odd to keep the length, got {self.kernel_size}."
             )
-        for name in ("task_memory", "functional_offset"):
+        for name in ("task_memory", "functional_offset", "memory_centered"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"PeftCVAEConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         holdout = self.memory_holdout
@@ -194,6 +201,11 @@ class PeftCVAEConfig(PretrainedConfig):
                 "task_memory is off: pass task_memory=True as well, or leave memory_holdout at 0."
             )
         self.memory_holdout = float(holdout)
+        if self.memory_centered and not self.task_memory:
+            raise InvalidConfigError(
+                "PeftCVAEConfig.memory_centered=True changes how the task memory compares conditions, but task_memory "
+                "is off: pass task_memory=True as well, or leave memory_centered at False."
+            )
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise InvalidConfigError(f"PeftCVAEConfig.kl_weight must be a number >= 0, got {self.kl_weight!r}.")
         if len(self.task_descriptions) != len(self.task_names):

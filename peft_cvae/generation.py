@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
 from .adapter import GeneratedAdapter
+from .condition_similarity import condition_similarity
 from .constants import INTEGRITY_NAME
 from .errors import ConditionError, InvalidArgumentError, NonFiniteError, UnknownTaskError
 from .file_utils import sha256_file
@@ -300,7 +300,7 @@ class GenerateAdapterMixin:
         conditions = self.task_conditions.float()  # (T, cond)
         if len(conditions) < 2:
             return FALLBACK_LOW_SIMILARITY
-        similarity = F.cosine_similarity(conditions[:, None, :], conditions[None], dim=-1)  # (T, T)
+        similarity = condition_similarity(conditions, conditions, self.config.memory_centered)  # (T, T)
         off_diagonal = ~torch.eye(len(conditions), dtype=torch.bool, device=similarity.device)
         return float(similarity[off_diagonal].min())
 
@@ -312,10 +312,12 @@ class GenerateAdapterMixin:
         if not len(conditions):
             return []
         query = condition.reshape(1, -1).float().to(conditions.device)  # (1, cond)
-        similarity = F.cosine_similarity(query, conditions, dim=-1)  # (T,)
+        similarity = condition_similarity(query, conditions, self.config.memory_centered)[0]  # (T,)
         memory_weights = None
         if getattr(self, "task_memory", None) is not None:
-            memory_weights = torch.softmax(similarity / self.task_memory.log_temperature.exp().float(), dim=-1)
+            memory_weights = torch.softmax(
+                similarity / self.task_memory.log_temperature.detach().exp().float(), dim=-1
+            )
         order = similarity.argsort(descending=True)[:top_k].tolist()
         neighbours = []
         for index in order:

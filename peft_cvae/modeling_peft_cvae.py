@@ -61,6 +61,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .canonical import canonicalize
+from .condition_similarity import condition_similarity
 from .configuration_peft_cvae import PeftCVAEConfig
 from .constants import (
     CARD_NAME,
@@ -209,8 +210,9 @@ class TaskMemory(nn.Module):
     mix is what an unseen task would get: the other tasks' means.
     """
 
-    def __init__(self, num_tasks: int, numel: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_tasks: int, numel: int, dtype: torch.dtype = torch.float32, centered: bool = False):
         super().__init__()
+        self.centered = centered  # config.memory_centered: cosines relative to the tasks' mean condition
         # (T, N), persistent: saved and reloaded; bfloat16 halves it (config.task_memory_dtype)
         self.register_buffer("task_means", torch.zeros(num_tasks, numel, dtype=dtype))
         self.log_temperature = nn.Parameter(torch.zeros(()))
@@ -221,7 +223,7 @@ class TaskMemory(nn.Module):
         """Mixing weights (B, T) and the best cosine similarity to a task the sample may use (B,).
 
         `hidden_tasks` (B,) int64: the task index each sample may not use, -1 for none."""
-        similarity = F.cosine_similarity(condition[:, None, :], task_conditions[None], dim=-1)  # (B, T)
+        similarity = condition_similarity(condition, task_conditions, self.centered)  # (B, T)
         logits = similarity / self.log_temperature.exp()  # (B, T)
         if hidden_tasks is not None:
             columns = torch.arange(similarity.shape[1], device=similarity.device)
@@ -281,7 +283,7 @@ class PeftCVAEGenerator(GenerateAdapterMixin, PreTrainedModel):
         self.task_memory = None
         if config.task_memory:
             dtype = getattr(torch, config.task_memory_dtype)
-            self.task_memory = TaskMemory(len(config.task_names), layout.numel, dtype)
+            self.task_memory = TaskMemory(len(config.task_names), layout.numel, dtype, config.memory_centered)
         # (N,) raw LoRA units, added to what the generator writes; trained by a functional loss only
         self.functional_offset = nn.Parameter(torch.zeros(layout.numel)) if config.functional_offset else None
         self._index_cache = {}

@@ -47,6 +47,9 @@ GENERATOR_VARIANTS = {
     "plain": {"task_memory": False},
     "task memory": {"task_memory": True},
     "task memory + holdout 0.5": {"task_memory": True, "memory_holdout": 0.5},
+    # the memory compares conditions centred on the bank's mean (PeftCVAEConfig.memory_centered): raw in-context
+    # vectors all have cosines near 1, and the mix of an unseen task spread over ~27 of 103 tasks (full, split 0)
+    "task memory, centred": {"task_memory": True, "memory_centered": True},
 }
 CONDITION_KINDS = ("description", "examples")
 # Both together (issue 13's "richer conditions"), built from the two by `combined_conditions`

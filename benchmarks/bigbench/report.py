@@ -31,6 +31,7 @@ VARIANT_ORDER = (
     "plain",
     "task memory",
     "task memory + holdout 0.5",
+    "task memory, centred",
     "task memory + holdout 0.5 + functional",
     "task memory + holdout 0.5 + functional offset",
     "shared start + task memory",
