@@ -61,6 +61,8 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
             assert scores["nearest by examples"]["example_nll"] == scores["nearest description"]["example_nll"]
     summary = saved["summary"]
     assert summary["best_control"] in report.BASELINES
+    # every generated design is checked against issue 13's targets, a variant name with ", " in it too
+    assert {label for label in labels if label.startswith("generated")} <= set(summary["targets"])
     assert summary["controls"]["oracle"]["recovered_of_average"] == pytest.approx(1.0)
     assert summary["controls"]["base"]["recovered_of_average"] == pytest.approx(0.0, abs=1e-9)
     mean, low, high = summary["controls"]["base"]["answer_nll"]

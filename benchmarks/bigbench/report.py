@@ -38,6 +38,11 @@ VARIANT_ORDER = (
 )
 
 
+def _is_steering_control(row: str) -> bool:
+    """A design's row from another held-out task's condition or from a random string (a variant name may hold ", ")."""
+    return row.endswith((", shuffled", ", random string"))
+
+
 def ordered(names) -> list[str]:
     """Controls in a fixed order (the JSON stores keys sorted): base, oracle, the simple controls, then the generated
     ones by variant, condition kind, own / shuffled / random string."""
@@ -132,7 +137,7 @@ def _targets(summary: dict, heldout: dict, families: dict, samples: int) -> dict
     tasks = len(heldout)
     targets = {}
     for design, difference in summary["differences"].items():
-        if not design.startswith("generated") or ", " in design:
+        if not design.startswith("generated") or _is_steering_control(design):
             continue
         mean = summary["controls"][design]["answer_nll"][0]
         wins = summary["wins"][design]
@@ -294,7 +299,9 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     paths = []
     shown = ["nearest description", "top-k mix", "multi-task LoRA", "mean of bank LoRAs", "shared start: mean"]
     shown = [c for c in shown if c in heldout[tasks[0]]]
-    shown += [c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and ", " not in c]
+    shown += [
+        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and not _is_steering_control(c)
+    ]
 
     def recovered(task, control):
         base, oracle = heldout[task]["base"]["answer_nll"], heldout[task]["oracle"]["answer_nll"]
@@ -436,7 +443,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     ]
     for control in ordered(summary["differences"]):
         difference = summary["differences"][control]
-        if ", " in control:
+        if _is_steering_control(control):
             continue
         wins = summary["wins"][control]
         counts = " / ".join(str(wins.get(c, "-")) for c in (*baselines, "base", "oracle"))
@@ -452,7 +459,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     ]
     for control in ordered(summary["controls"]):
         row = summary["controls"][control]
-        if not control.startswith("generated") or ", " in control:
+        if not control.startswith("generated") or _is_steering_control(control):
             continue
         shuffled, random_string = f"{control}, shuffled", f"{control}, random string"
         if shuffled not in summary["controls"]:
@@ -467,7 +474,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     heldout = results["heldout"]
     present = next(iter(heldout.values()))
     columns = [c for c in ("base", "oracle", *BASELINES, *SHARED_START) if c in present] + [
-        c for c in ordered(present) if c.startswith("generated") and ", " not in c
+        c for c in ordered(present) if c.startswith("generated") and not _is_steering_control(c)
     ]
     lines += ["| task | family | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for task, scores in sorted(heldout.items()):
