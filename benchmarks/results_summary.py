@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from benchmarks.bigbench.report import is_steering_control
 from benchmarks.reporting import markdown_table
 
 __all__ = ["readme_summary"]
@@ -23,7 +24,6 @@ __all__ = ["readme_summary"]
 RESULTS = Path(__file__).resolve().parent / "results"
 SIX_DOMAINS = "lora_generation_full-cpu-converged.json"
 BIGBENCH_PRESETS = ("full", "quick")  # the first one with committed results is summarised
-DESIGN_CONTROLS = (", shuffled", ", random string")  # steering controls: counted, not listed as rows
 
 
 def _command(results: dict) -> str:
@@ -85,7 +85,7 @@ def bigbench_summary(results: dict, preset: str) -> str:
     controls = summary["controls"]
     rows = []
     for name, entry in sorted(controls.items(), key=lambda item: item[1]["answer_nll"][0]):
-        if name.endswith(DESIGN_CONTROLS):
+        if is_steering_control(name):
             continue
         nll, low, high = entry["answer_nll"]
         accuracy = entry.get("accuracy")
@@ -99,7 +99,7 @@ def bigbench_summary(results: dict, preset: str) -> str:
         )
     steering = []
     for name in controls:
-        if name.startswith("generated") and not name.endswith(DESIGN_CONTROLS):
+        if name.startswith("generated") and not is_steering_control(name):
             wins = summary["wins"].get(name, {})
             shuffled, random_string = wins.get(f"{name}, shuffled"), wins.get(f"{name}, random string")
             if shuffled is not None and random_string is not None:

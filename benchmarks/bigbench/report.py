@@ -38,9 +38,12 @@ VARIANT_ORDER = (
 )
 
 
-def _is_steering_control(row: str) -> bool:
+STEERING_SUFFIXES = (", shuffled", ", random string")  # a design's rows from another task's condition / a random one
+
+
+def is_steering_control(row: str) -> bool:
     """A design's row from another held-out task's condition or from a random string (a variant name may hold ", ")."""
-    return row.endswith((", shuffled", ", random string"))
+    return row.endswith(STEERING_SUFFIXES)
 
 
 def ordered(names) -> list[str]:
@@ -137,7 +140,7 @@ def _targets(summary: dict, heldout: dict, families: dict, samples: int) -> dict
     tasks = len(heldout)
     targets = {}
     for design, difference in summary["differences"].items():
-        if not design.startswith("generated") or _is_steering_control(design):
+        if not design.startswith("generated") or is_steering_control(design):
             continue
         mean = summary["controls"][design]["answer_nll"][0]
         wins = summary["wins"][design]
@@ -196,7 +199,7 @@ def pool_splits(runs: dict[int, dict]) -> dict | None:
     best = min(controls, key=lambda row: pooled["rows"][row]["answer_nll"][0])
     pooled["best_control"] = best
     for row in pooled["rows"]:
-        if row.startswith(DESIGNS) and not row.endswith((", shuffled", ", random string")):
+        if row.startswith(DESIGNS) and not is_steering_control(row):
             difference = {key: s[row]["answer_nll"] - s[best]["answer_nll"] for key, s in scores.items()}
             pooled["differences"][row] = _bootstrap(difference, families, samples)
             against = [other for other in (*controls, f"{row}, shuffled", f"{row}, random string") if other in rows]
@@ -300,7 +303,7 @@ def plots(results: dict, output_dir: Path, prefix: str) -> list[Path]:
     shown = ["nearest description", "top-k mix", "multi-task LoRA", "mean of bank LoRAs", "shared start: mean"]
     shown = [c for c in shown if c in heldout[tasks[0]]]
     shown += [
-        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and not _is_steering_control(c)
+        c for c in ordered(next(iter(heldout.values()))) if c.startswith("generated") and not is_steering_control(c)
     ]
 
     def recovered(task, control):
@@ -443,7 +446,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     ]
     for control in ordered(summary["differences"]):
         difference = summary["differences"][control]
-        if _is_steering_control(control):
+        if is_steering_control(control):
             continue
         wins = summary["wins"][control]
         counts = " / ".join(str(wins.get(c, "-")) for c in (*baselines, "base", "oracle"))
@@ -459,7 +462,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     ]
     for control in ordered(summary["controls"]):
         row = summary["controls"][control]
-        if not control.startswith("generated") or _is_steering_control(control):
+        if not control.startswith("generated") or is_steering_control(control):
             continue
         shuffled, random_string = f"{control}, shuffled", f"{control}, random string"
         if shuffled not in summary["controls"]:
@@ -474,7 +477,7 @@ def markdown(results: dict, images: list[str], prefix: str, pooled: dict | None 
     heldout = results["heldout"]
     present = next(iter(heldout.values()))
     columns = [c for c in ("base", "oracle", *BASELINES, *SHARED_START) if c in present] + [
-        c for c in ordered(present) if c.startswith("generated") and not _is_steering_control(c)
+        c for c in ordered(present) if c.startswith("generated") and not is_steering_control(c)
     ]
     lines += ["| task | family | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for task, scores in sorted(heldout.items()):
