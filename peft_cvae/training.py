@@ -142,54 +142,60 @@ def train_generator(
         )
     _check_distributed(accelerator, args)
 
-    loop = _Loop.prepare(generator, bank, args, accelerator, functional_loss)
-    history, start_epoch = [], 0
-    if resume_path is not None:
-        state = load_checkpoint(
-            resume_path,
-            loop.run,
-            generator,
-            loop.optimizer,
-            loop.scheduler,
-            accelerator.scaler,
-            loop.noise_generator,
-            legacy_bank_fingerprint=lambda: legacy_fingerprint(bank),
-        )
-        history, start_epoch = state["history"], state["epoch"]
-        logger.info("Resumed from %s: %d of %d epochs done.", resume_path, start_epoch, args.epochs)
-    if accelerator.log_with:
-        accelerator.init_trackers("peft-cvae", config={k: v for k, v in loop.run.items() if v is not None})
-    stopper = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, history)
-    progress = tqdm(
-        total=args.epochs,
-        initial=start_epoch,
-        desc="training generator",
-        disable=not (args.show_progress and accelerator.is_main_process),
-    )
-    loop.model.train()
-    for epoch in range(start_epoch if not stopper.stopped else args.epochs, args.epochs):
-        record = loop.train_epoch(epoch)
-        if not math.isfinite(record["loss"]):
-            progress.close()
-            accelerator.end_training()
-            raise NonFiniteError(
-                f"Training diverged: the loss of epoch {epoch + 1} is {record['loss']} (it was "
-                f"{history[-1]['loss'] if history else 'not measured yet'} the epoch before). Nothing was written. "
-                f"Lower the learning rate (lr={args.lr}) or keep gradient clipping on (max_grad_norm)."
+    offset = getattr(generator, "functional_offset", None)
+    offset_trainable = offset is not None and offset.requires_grad
+    try:
+        loop = _Loop.prepare(generator, bank, args, accelerator, functional_loss)
+        history, start_epoch = [], 0
+        if resume_path is not None:
+            state = load_checkpoint(
+                resume_path,
+                loop.run,
+                generator,
+                loop.optimizer,
+                loop.scheduler,
+                accelerator.scaler,
+                loop.noise_generator,
+                legacy_bank_fingerprint=lambda: legacy_fingerprint(bank),
             )
-        history.append(record)
-        accelerator.log({key: value for key, value in record.items() if key != "epoch"}, step=epoch + 1)
-        progress.update()
-        progress.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['reconstruction_loss']:.4f}")
-        stop = stopper.update(record)
-        if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or stop):
-            loop.save_checkpoint(output_dir, epoch + 1, history, args.keep_last_checkpoints)
-        if stop:
-            logger.info("Early stopping after epoch %d: %s", epoch + 1, stopper.summary())
-            break
-    progress.close()
-    _finish(loop, history, stopper, output_dir)
-    return history
+            history, start_epoch = state["history"], state["epoch"]
+            logger.info("Resumed from %s: %d of %d epochs done.", resume_path, start_epoch, args.epochs)
+        if accelerator.log_with:
+            accelerator.init_trackers("peft-cvae", config={k: v for k, v in loop.run.items() if v is not None})
+        stopper = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, history)
+        progress = tqdm(
+            total=args.epochs,
+            initial=start_epoch,
+            desc="training generator",
+            disable=not (args.show_progress and accelerator.is_main_process),
+        )
+        loop.model.train()
+        for epoch in range(start_epoch if not stopper.stopped else args.epochs, args.epochs):
+            record = loop.train_epoch(epoch)
+            if not math.isfinite(record["loss"]):
+                progress.close()
+                accelerator.end_training()
+                raise NonFiniteError(
+                    f"Training diverged: the loss of epoch {epoch + 1} is {record['loss']} (it was "
+                    f"{history[-1]['loss'] if history else 'not measured yet'} the epoch before). Nothing was "
+                    f"written. Lower the learning rate (lr={args.lr}) or keep gradient clipping on (max_grad_norm)."
+                )
+            history.append(record)
+            accelerator.log({key: value for key, value in record.items() if key != "epoch"}, step=epoch + 1)
+            progress.update()
+            progress.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['reconstruction_loss']:.4f}")
+            stop = stopper.update(record)
+            if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or stop):
+                loop.save_checkpoint(output_dir, epoch + 1, history, args.keep_last_checkpoints)
+            if stop:
+                logger.info("Early stopping after epoch %d: %s", epoch + 1, stopper.summary())
+                break
+        progress.close()
+        _finish(loop, history, stopper, output_dir)
+        return history
+    finally:  # training decides whether the offset learns (see _Loop.prepare); the generator is left as it came
+        if offset is not None:
+            offset.requires_grad_(offset_trainable)
 
 
 def _resolve_arguments(args: GeneratorTrainingArguments | None, kwargs: dict) -> GeneratorTrainingArguments:

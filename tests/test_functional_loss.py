@@ -259,6 +259,8 @@ def test_an_untrained_offset_changes_nothing_and_the_cvae_loss_alone_never_moves
     torch.testing.assert_close(with_offset.decode(latent, condition), plain.decode(latent, condition))
     train_generator(with_offset, bank, **{**TRAINING, "epochs": 2})
     assert torch.equal(with_offset.functional_offset.detach(), torch.zeros(bank.layout.numel))
+    # training froze it for its own run only: a user's own loop afterwards still sees a trainable offset
+    assert with_offset.functional_offset.requires_grad
 
 
 def test_the_functional_offset_learns_at_its_own_rate_is_written_into_adapters_and_saved(setup, tmp_path):
