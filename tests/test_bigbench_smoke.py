@@ -103,6 +103,13 @@ def test_tiny_preset_runs_every_control_and_a_rerun_comes_from_the_cache(tmp_pat
     (tmp_path / "out" / "bigbench_zero_shot_tiny.md").unlink()
     benchmark.main([*arguments, "--report-only"])
     assert (tmp_path / "out" / "bigbench_zero_shot_tiny.md").read_text() == page
+    # ... and brings a stale summary in the JSON (written by older report code) up to date
+    json_path = tmp_path / "out" / "bigbench_zero_shot_tiny.json"
+    stale = json.loads(json_path.read_text())
+    stale["summary"] = {"best_control": "stale"}
+    json_path.write_text(json.dumps(stale))
+    benchmark.main([*arguments, "--report-only"])
+    assert json.loads(json_path.read_text())["summary"] == saved["summary"]
 
 
 def test_selection_rules_and_family_split(tmp_path):

@@ -620,5 +620,5 @@ HOW_IT_WORKS = """## How it works
   `peft_cvae.answer_evaluation.evaluate_answers` (each prompt run once, its choices scored from its key/value
   cache; the time saved: `benchmarks/results/answer_scoring_full.md`). Intervals: 95% bootstrap over families.
 - **Cache**: every LoRA, condition, generator and score is cached under `--cache-dir` and reused on a rerun;
-  `--report-only` rewrites this page from the JSON.
+  `--report-only` recomputes the JSON's summary and rewrites this page from the JSON.
 """
