@@ -74,12 +74,7 @@ class FunctionalLoss:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise InvalidConfigError(f"weight must be a number >= 0, got {weight!r}.")
-        if offset_lr is not None and (
-            isinstance(offset_lr, bool) or not isinstance(offset_lr, (int, float)) or not 0 < offset_lr < float("inf")
-        ):
-            raise InvalidConfigError(f"offset_lr must be a positive number or None, got {offset_lr!r}.")
-        if not isinstance(on_generated, bool):
-            raise InvalidConfigError(f"on_generated must be true or false, got {on_generated!r}.")
+        _check_offset_options(on_generated, offset_lr)
         if isinstance(tasks, (list, tuple)):
             tasks = {task.name: task for task in tasks}
         if not isinstance(tasks, dict) or not tasks or not all(isinstance(t, TaskData) for t in tasks.values()):
@@ -104,6 +99,15 @@ class FunctionalLoss:
         self.collate = _RightPadCollator(_pad_token_id(tokenizer))
         with quiet_libraries():
             self.examples = {name: _ExampleDataset(task, tokenizer, max_length).items for name, task in tasks.items()}
+
+    def with_options(self, *, on_generated: bool, offset_lr: float | None) -> "FunctionalLoss":
+        """This loss with other `on_generated` / `offset_lr`, sharing its base-model copy and tokenized examples (the
+        expensive parts; the examples a step draws depend only on the seed, task, step and row, so two losses that
+        share them never disturb each other). This one is left as it is."""
+        _check_offset_options(on_generated, offset_lr)
+        other = copy.copy(self)
+        other.on_generated, other.offset_lr = on_generated, None if offset_lr is None else float(offset_lr)
+        return other
 
     def to(self, device) -> "FunctionalLoss":
         """Move the base model (train_generator moves it to the accelerator's device)."""
@@ -196,6 +200,15 @@ class FunctionalLoss:
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         order = torch.randperm(len(items), generator=generator)[: self.examples_per_task]
         return [items[index] for index in order.tolist()]
+
+
+def _check_offset_options(on_generated, offset_lr) -> None:
+    if offset_lr is not None and (
+        isinstance(offset_lr, bool) or not isinstance(offset_lr, (int, float)) or not 0 < offset_lr < float("inf")
+    ):
+        raise InvalidConfigError(f"offset_lr must be a positive number or None, got {offset_lr!r}.")
+    if not isinstance(on_generated, bool):
+        raise InvalidConfigError(f"on_generated must be true or false, got {on_generated!r}.")
 
 
 def _parameter_names(model, layout) -> list[str]:

@@ -298,5 +298,14 @@ def test_the_offset_lr_and_the_generated_path_are_recorded_and_checked(setup, tm
     for bad in ({"offset_lr": 0}, {"offset_lr": "fast"}, {"on_generated": 1}):
         with pytest.raises(InvalidConfigError, match=next(iter(bad))):
             functional(setup, **bad)
+        with pytest.raises(InvalidConfigError, match=next(iter(bad))):
+            loss.with_options(**{"on_generated": False, "offset_lr": None, **bad})
+    # another variant's options on the same base-model copy, the original untouched
+    other = loss.with_options(on_generated=False, offset_lr=None)
+    assert other.model is loss.model and other.examples is loss.examples
+    assert (other.on_generated, other.offset_lr) == (False, None) and (loss.on_generated, loss.offset_lr) == (
+        True,
+        5e-2,
+    )
     with pytest.raises(InvalidConfigError, match="functional_offset"):
         PeftCVAEGenerator.from_bank(bank, functional_offset="yes", **GENERATOR)

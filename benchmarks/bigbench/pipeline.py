@@ -303,14 +303,15 @@ def train_functional_generators(
                         seed=settings.lora_seed,
                     )  # fmt: skip
                 # the offset learns at the bank LoRAs' lr, on the LoRA generation writes; the plain variant as before
-                functional.on_generated, functional.offset_lr = (True, settings.lr) if offset else (False, None)
+                on_generated, offset_lr = (True, settings.lr) if offset else (False, None)
+                variant_loss = functional.with_options(on_generated=on_generated, offset_lr=offset_lr)
                 generator = PeftCVAEGenerator.from_pretrained(cache / "generators" / start["key"] / "generator")
                 if offset:
                     generator = with_functional_offset(generator)
                 started = time.perf_counter()
                 history = train_generator(
                     generator, bank, epochs=settings.functional_epochs, lr=settings.functional_lr,
-                    batch_size=settings.generator_batch_size, seed=settings.lora_seed, functional_loss=functional,
+                    batch_size=settings.generator_batch_size, seed=settings.lora_seed, functional_loss=variant_loss,
                     early_stopping_patience=0,  # a fixed budget of epochs: each costs base-model passes
                 )  # fmt: skip
                 seconds = time.perf_counter() - started
