@@ -286,3 +286,35 @@ def test_the_combined_condition_weighs_description_and_examples_alike():
     torch.testing.assert_close(got, expected)
     raw = torch.nn.functional.cosine_similarity(vectors["examples"]["new"], vectors["examples"]["b"], dim=0)
     assert raw > 0.99 and abs(centred_cosine("examples", "new", "b")) < 0.99  # centring is what lets examples count
+
+
+def test_a_lora_scored_under_one_row_is_not_scored_again_under_another(tmp_path):
+    """Two rows that write the same LoRA (retrieval by description and by examples picking one bank task) cost one
+    score: the second reads the first's, with 0 seconds; a different LoRA is scored."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from benchmarks.bigbench.data import load_task_files
+    from benchmarks.bigbench.pipeline import Scorer
+    from benchmarks.bigbench.presets import preset
+    from benchmarks.bigbench.tiny import tiny_base_model
+    from peft_cvae.layout import LoraLayout
+
+    settings = preset("tiny")
+    tokenizer = tiny_tokenizer()
+    base = tiny_base_model(tokenizer)
+    files = load_task_files(write_tiny_tasks(tmp_path / "tasks"))
+    task = check_task("first_word/plain", files["first_word/plain"], tokenizer, settings.rules)
+    config = LoraConfig(r=settings.lora_r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    lora = get_peft_model(tiny_base_model(tokenizer), config)
+    layout = LoraLayout.from_peft_model(lora)
+    vector = layout.flatten(get_peft_model_state_dict(lora))
+    scorer = Scorer(base, tokenizer, layout, settings, tmp_path / "cache")
+
+    first = scorer.score(task, "nearest description", "a", vector)
+    again = scorer.score(task, "nearest by examples", "b", vector.clone())
+    assert scorer.scored == 1 and again["seconds"] == 0.0
+    assert again["example_nll"] == first["example_nll"] and again["answer_nll"] == first["answer_nll"]
+    other = scorer.score(task, "top-k mix", "c", vector * 0.5)
+    assert scorer.scored == 2 and other["answer_nll"] != first["answer_nll"]

@@ -19,6 +19,7 @@ Nothing is written half: banks and generators go through `save_pretrained` (atom
 """
 
 import copy
+import hashlib
 import logging
 import math
 import shutil
@@ -389,10 +390,20 @@ class Scorer:
         self.seconds = 0.0
 
     def score(self, task: BenchTask, control: str, key: str, vector: torch.Tensor | None) -> dict:
-        """Answer NLL / accuracy of `vector` (None: the base model) on `task`'s test examples; cached by `key`."""
+        """Answer NLL / accuracy of `vector` (None: the base model) on `task`'s test examples; cached by `key`, and by
+        the vector's bytes: a row that writes a LoRA another row already scored on this task (retrieval by the
+        description and by the examples often pick the same bank task) reuses that score, with 0 seconds."""
         path = self.folder / task.name / f"{_slug(control)}-{key}.json"
         if path.is_file():
             return read_json(path)
+        same_vector = None
+        if vector is not None:
+            digest = hashlib.sha256(vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+            same_vector = self.folder / task.name / "by_vector" / f"{digest}.json"
+            if same_vector.is_file():
+                summary = {**read_json(same_vector), "seconds": 0.0}
+                save_json(summary, path)
+                return summary
         examples = task.splits["test"][: self.settings.scored_test_examples]
         start = time.perf_counter()
         arguments = {
@@ -420,6 +431,8 @@ class Scorer:
         summary["example_tokens"] = result["example_tokens"]
         if not math.isfinite(summary["answer_nll"]):
             raise RuntimeError(f"Scoring {control} on {task.name} gave a non-finite answer NLL.")
+        if same_vector is not None:
+            save_json(summary, same_vector)
         save_json(summary, path)
         return summary
 
