@@ -107,7 +107,7 @@ def build_demo(generator, base_model=None, tokenizer=None, *, allow_environment_
             with gr.Column():
                 summary = gr.Markdown()
                 similarity = gr.Dataframe(
-                    headers=["training task", "cosine", "description"],
+                    headers=["training task", demo_backend.generator.similarity_name, "description"],
                     datatype=["str", "number", "str"],
                     label="Training tasks the condition resembles",
                     interactive=False,

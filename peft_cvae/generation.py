@@ -292,6 +292,13 @@ class GenerateAdapterMixin:
                 return None
         return sha256_file(record) if record.is_file() else None
 
+    @property
+    def similarity_name(self) -> str:
+        """What the "similarity" of `condition_neighbours` is, for people reading it: a cosine, taken after
+        subtracting the training tasks' mean condition when `config.memory_centered` (then 0 is "as close as the
+        average task", and unrelated tasks go negative)."""
+        return "centred cosine" if self.config.memory_centered else "cosine"
+
     def low_similarity_threshold(self) -> float:
         """Below this best cosine similarity a condition is "not close to anything in the bank": the smallest
         similarity between two different training tasks (a condition further from every task than any two tasks are
@@ -335,7 +342,8 @@ class GenerateAdapterMixin:
             threshold = self.low_similarity_threshold()
             if neighbours[0]["similarity"] < threshold:
                 logger.warning(
-                    "The task is not close to any training task of this generator: the best cosine similarity is "
+                    f"The task is not close to any training task of this generator: the best {self.similarity_name} "
+                    "similarity is "
                     f"{neighbours[0]['similarity']:.3f} ({neighbours[0]['task']!r}), below {threshold:.3f}, the "
                     "smallest similarity between two training tasks. Expect an adapter near the average of the bank "
                     "(a model soup); add a related task to the bank for better results."

@@ -50,7 +50,8 @@ def test_a_centred_memory_gives_the_nearest_task_the_weight_a_raw_one_spreads():
 
 def test_the_option_is_saved_checked_and_used_for_neighbours(bank, tmp_path):
     generator = PeftCVAEGenerator.from_bank(bank, memory_centered=True, **small_generator_overrides())
-    assert generator.task_memory.centered
+    assert generator.task_memory.centered and generator.similarity_name == "centred cosine"
+    assert PeftCVAEGenerator.from_bank(bank, **small_generator_overrides()).similarity_name == "cosine"
     generator.save_pretrained(tmp_path / "generator")
     loaded = PeftCVAEGenerator.from_pretrained(tmp_path / "generator")
     assert loaded.config.memory_centered and loaded.task_memory.centered

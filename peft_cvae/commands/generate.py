@@ -111,7 +111,7 @@ def neighbour_lines(generator, neighbours: list[dict], *, known_task: bool) -> l
     if not neighbours:
         return []
     lines = [
-        "Nearest training tasks (cosine similarity"
+        f"Nearest training tasks ({generator.similarity_name} similarity"
         + (", task-memory weight):" if "memory_weight" in neighbours[0] else "):")
     ]
     for entry in neighbours:
