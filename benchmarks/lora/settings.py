@@ -128,6 +128,14 @@ PRESETS["full-cpu-converged"] = replace(
     leave_one_out=["business", "politics", "man_pages", "sport", "tech", "python_code"],
     fusion_pairs=[["sport", "tech"], ["business", "politics"], ["python_code", "man_pages"]],
 )
+# The run of record with the task memory comparing conditions centred on the training tasks' mean
+# (PeftCVAEConfig.memory_centered): issue 13's no-regression check before centring could become the default. It shares
+# LoRAs, task vectors and held-out text with the run of record when both run on one cache (the keys are those fields);
+# benchmarks/notes/full-cpu-centred.md compares the two on one cache.
+PRESETS["full-cpu-centred"] = replace(
+    PRESETS["full-cpu-converged"],
+    generator_overrides={**PRESETS["full-cpu-converged"].generator_overrides, "memory_centered": True},
+)
 # The run of record on three of its domains, scored on less text so that a cold run stays under 15 minutes on two
 # cores (it shares the run of record's LoRAs when both run on one cache).
 PRESETS["quick"] = replace(
@@ -174,11 +182,13 @@ REPORT_PAGES = {
     "full-cpu-converged": "benchmarks.md",
     "full-cpu": "benchmarks_full_cpu.md",
     "full-cpu-memory": "benchmarks_task_memory.md",
+    "full-cpu-centred": "benchmarks_task_memory_centred.md",
     "gemma3": "benchmarks_gemma3.md",
 }
 DESIGN_HISTORY = {  # preset -> what it tried, in the order tried
     "full-cpu": "plain 1-D conv CVAE, 5 checkpoints per domain",
     "full-cpu-memory": "+ task memory (same bank)",
     "full-cpu-converged": "+ 40 checkpoints per domain from a converged tail, LOO on every domain",
+    "full-cpu-centred": "+ task memory compares centred conditions (LoRAs retrained; same-cache control: notes)",
 }
 SWEEP_TABLES = {"full-cpu": "generator_sweep_quick.md"}  # design-lever sweeps (benchmarks/generator_sweep.py)
