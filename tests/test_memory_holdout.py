@@ -27,6 +27,9 @@ def _task_mean(bank, task):
     return torch.stack([bank.layout.flatten(c.state_dict) for c in bank.checkpoints_of(task)]).mean(dim=0)
 
 
+FIXTURE_THREADS = 2  # torch.get_num_threads() when tests/fixtures/task_memory_2a5d99f was trained
+
+
 @pytest.fixture(scope="module")
 def legacy_bank():
     return LoraBank.from_pretrained(FIXTURES / "legacy_c9feab9" / "bank")
@@ -39,7 +42,14 @@ def test_holdout_zero_trains_the_same_tensors_as_the_code_before_the_option(lega
     assert before.config.memory_holdout == 0.0  # a config.json without the field loads with it off
     generator = PeftCVAEGenerator.from_bank(legacy_bank, task_memory=True, memory_holdout=0.0, **DESIGNS[design])
     assert not any("memory_projection" in name for name, _ in generator.named_parameters())  # same shapes as before
-    train_generator(generator, legacy_bank, **TRAINING)
+    # The fixture was trained with 2 intra-op threads; CPU kernels split their sums by thread count, so bit-identity
+    # holds only at the same count (with 1, the last digits differ), whatever the machine's number of cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(FIXTURE_THREADS)
+    try:
+        train_generator(generator, legacy_bank, **TRAINING)
+    finally:
+        torch.set_num_threads(threads)
     expected = before.state_dict()
     actual = generator.state_dict()
     assert sorted(actual) == sorted(expected)
