@@ -74,7 +74,7 @@ class FunctionalLoss:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}.")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise InvalidConfigError(f"weight must be a number >= 0, got {weight!r}.")
-        _check_offset_options(on_generated, offset_lr)
+        on_generated, offset_lr = _offset_options(on_generated, offset_lr)
         if isinstance(tasks, (list, tuple)):
             tasks = {task.name: task for task in tasks}
         if not isinstance(tasks, dict) or not tasks or not all(isinstance(t, TaskData) for t in tasks.values()):
@@ -90,8 +90,7 @@ class FunctionalLoss:
         self.max_length = max_length
         self.weight = float(weight)
         self.seed = seed
-        self.on_generated = on_generated
-        self.offset_lr = None if offset_lr is None else float(offset_lr)
+        self.on_generated, self.offset_lr = on_generated, offset_lr
         with quiet_libraries():
             model = get_peft_model(copy.deepcopy(base_model), layout.peft_config(), adapter_name=ADAPTER_NAME)
         self.model = model.eval().requires_grad_(False)  # eval: no dropout; the vectors are the only variables
@@ -104,9 +103,8 @@ class FunctionalLoss:
         """This loss with other `on_generated` / `offset_lr`, sharing its base-model copy and tokenized examples (the
         expensive parts; the examples a step draws depend only on the seed, task, step and row, so two losses that
         share them never disturb each other). This one is left as it is."""
-        _check_offset_options(on_generated, offset_lr)
         other = copy.copy(self)
-        other.on_generated, other.offset_lr = on_generated, None if offset_lr is None else float(offset_lr)
+        other.on_generated, other.offset_lr = _offset_options(on_generated, offset_lr)
         return other
 
     def to(self, device) -> "FunctionalLoss":
@@ -202,13 +200,15 @@ class FunctionalLoss:
         return [items[index] for index in order.tolist()]
 
 
-def _check_offset_options(on_generated, offset_lr) -> None:
+def _offset_options(on_generated, offset_lr) -> tuple[bool, float | None]:
+    """The two options checked, offset_lr as a float (or None)."""
     if offset_lr is not None and (
         isinstance(offset_lr, bool) or not isinstance(offset_lr, (int, float)) or not 0 < offset_lr < float("inf")
     ):
         raise InvalidConfigError(f"offset_lr must be a positive number or None, got {offset_lr!r}.")
     if not isinstance(on_generated, bool):
         raise InvalidConfigError(f"on_generated must be true or false, got {on_generated!r}.")
+    return on_generated, None if offset_lr is None else float(offset_lr)
 
 
 def _parameter_names(model, layout) -> list[str]:
