@@ -59,8 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks.assets import BASE_MODELS  # noqa: E402
 from benchmarks.lora.plots import plots  # noqa: E402
 from benchmarks.lora.protocol import run  # noqa: E402
-from benchmarks.lora.report import design_history, markdown  # noqa: E402
-from benchmarks.lora.settings import DESIGN_HISTORY, PRESETS, REPORT_PAGES, SWEEP_TABLES  # noqa: E402
+from benchmarks.lora.report import design_history, markdown, same_cache_comparison  # noqa: E402
+from benchmarks.lora.settings import (  # noqa: E402
+    DESIGN_HISTORY,
+    PRESETS,
+    REPORT_PAGES,
+    SAME_CACHE_CONTROLS,
+    SWEEP_TABLES,
+)
 from benchmarks.reporting import library_versions, machine_description, publish_report  # noqa: E402
 from peft_cvae.file_utils import atomic_directory, read_json, write_json  # noqa: E402
 
@@ -128,6 +134,10 @@ def main(argv=None) -> dict:
         "sweep": sweep.read_text(encoding="utf-8") if sweep and sweep.exists() else None,
         "history": design_history(args.output_dir) if preset in DESIGN_HISTORY else None,
     }
+    control = args.output_dir / SAME_CACHE_CONTROLS[preset] if preset in SAME_CACHE_CONTROLS else None
+    if control is not None and control.exists():
+        saved = read_json(control, what="the same-cache control run")
+        extra["same_cache"] = same_cache_comparison(results, saved, control.name)
     images = sorted(args.output_dir.glob(f"{prefix}_*.png"))
     text = publish_report(report, images, lambda links: markdown(results, settings, preset, **extra, images=links))
     print(text)

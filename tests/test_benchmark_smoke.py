@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import generator_sweep, lora_generation
 from benchmarks.caching import cache_key, cached_directory, cached_json
-from benchmarks.lora.report import design_history
+from benchmarks.lora.report import design_history, same_cache_comparison
 from benchmarks.reporting import bootstrap_interval, markdown_table, publish_report
 
 
@@ -68,6 +68,15 @@ def test_benchmark_tiny_preset_writes_complete_finite_results(tmp_path):
     ratios = [m["own checkpoint mean"]["perplexity"] / m["original LoRA"]["perplexity"] for m in seen]
     row = next(line for line in table if line.startswith("| seen: own-checkpoint mean / original PPL |"))
     assert row.count(f"{min(ratios):.4f}-{max(ratios):.4f}") == 2  # one cell per design
+
+    # A run against a control on the same cache: one row per held-out domain, each kind's control and own cells.
+    control = json.loads(json.dumps(results))
+    control["unseen"]["repeating"]["generated from description"]["perplexity"] = 99.0
+    lines = same_cache_comparison(results, control, "control.json").splitlines()
+    row = next(line for line in lines if line.startswith("| repeating |")).split(" | ")
+    own = unseen["generated from description"]
+    assert row[1].startswith("99.00") and row[2] == f"{own['perplexity']:.2f} ({own['recovered']:.0%})"
+    assert len([line for line in lines if line.startswith("| ") and "held-out" not in line]) == len(results["unseen"])
     assert any(line.startswith("| unseen (desc)") and "repeating" in line for line in table)
     assert design_history(tmp_path / "cache") is None  # no saved results: no table
 

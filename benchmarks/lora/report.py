@@ -116,6 +116,35 @@ def design_history(results_dir: Path) -> str | None:
     return "\n".join(lines)
 
 
+def same_cache_comparison(results: dict, control: dict, control_file: str) -> str:
+    """Held-out perplexity (share of the LoRA's gain) of this run's leave-one-out generators next to a control run's
+    on the same cache, and the worst seen ratio of each: the difference is the design alone."""
+    lines = [
+        f'`{control["command"]}`, saved as `benchmarks/results/{control_file}`; "control" is that run, "this" '
+        "is this page's.",
+        "",
+        "| held-out domain | control: from description | this: from description | control: from examples | this: "
+        "from examples | model soup of the others | best other-domain LoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(rows: dict, method: str) -> str:
+        return f"{rows[method]['perplexity']:.2f} ({rows[method]['recovered']:.0%})"
+
+    for domain, rows in results["unseen"].items():
+        other = control["unseen"][domain]
+        best = next(method for method in rows if method.startswith("best other"))
+        kinds = [cell(run, f"generated from {kind}") for kind in CONDITION_KINDS for run in (other, rows)]
+        soup = cell(rows, "model soup of the other domains")
+        lines.append(f"| {domain} | " + " | ".join([*kinds, soup, cell(rows, best)]) + " |")
+    lines.append("")
+    for kind in CONDITION_KINDS:
+        method = f"generated ({kind}, mean)"
+        worst = [max(ratios_to_original(run, method).values()) for run in (control, results)]
+        lines.append(f"- Seen, {kind}: worst generated / original PPL {worst[0]:.4f} (control), {worst[1]:.4f} (this)")
+    return "\n".join(lines)
+
+
 def markdown(
     results: dict,
     settings: Settings,
@@ -123,6 +152,7 @@ def markdown(
     notes: str | None = None,
     sweep: str | None = None,
     history: str | None = None,
+    same_cache: str | None = None,
     images=(),
 ) -> str:
     """The markdown report: targets, notes, seen / memorisation / unseen / fusion / cost tables, plots, settings."""
@@ -153,6 +183,8 @@ def markdown(
         lines += ["", "## Designs tried (one run each, same domains and base model)", "", history.strip()]
     if notes:
         lines += ["", "## Reading the results", "", notes.strip()]
+    if same_cache:
+        lines += ["", "## Against a control run on the same cache (leave one out)", "", same_cache]
     headline = [
         "base",
         "original LoRA",

@@ -191,4 +191,7 @@ DESIGN_HISTORY = {  # preset -> what it tried, in the order tried
     "full-cpu-converged": "+ 40 checkpoints per domain from a converged tail, LOO on every domain",
     "full-cpu-centred": "+ task memory compares centred conditions (LoRAs retrained; same-cache control: notes)",
 }
+# preset -> a run of another preset on the same cache (same LoRAs, texts and task vectors), saved under the results
+# folder: the report compares the two domain by domain, where runs of two environments would differ in their LoRAs too
+SAME_CACHE_CONTROLS = {"full-cpu-centred": "lora_generation_full-cpu-converged_rerun-2026-11-25.json"}
 SWEEP_TABLES = {"full-cpu": "generator_sweep_quick.md"}  # design-lever sweeps (benchmarks/generator_sweep.py)
